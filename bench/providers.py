@@ -1,0 +1,542 @@
+"""Benchmark cases and the providers that run them side by side.
+
+A case is one shape and one objective on one path: hidden states + lm_head weight, or logits, forward
+only (old/reference log-probs) or forward+backward (the training step's loss). A provider is one
+library's way of computing that case. `Provider.skip_reason` says, in words, why a provider cannot run
+a case; the harness records that reason instead of dropping the provider.
+
+Providers:
+- softpo-triton: softpo's fused Triton kernels (impl="triton"; CUDA only).
+- softpo-torch: softpo's chunked torch sweep (impl="torch").
+- torch-eager: materialized logits, log_softmax, and the loss math of `softpo.objectives`.
+- torch-compile: torch.compile of torch-eager.
+- liger-triton: Liger-Kernel's Triton GRPO loss from logits (`triton_grpo_loss`; CUDA only).
+- liger-fused-linear: Liger-Kernel's `LigerFusedLinearGRPOLoss` from hidden states (forward only:
+  its chunked selective log-prob, the path it uses for reference log-probs).
+- trl: TRL's own log-prob (the chunked fused lm_head function GRPOTrainer installs with
+  `add_fused_lm_head`, or `selective_log_softmax` on logits) followed by TRL's loss formula.
+
+All tokens are valid (full mask), so the counted FLOPs and bytes are the work done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OBJECTIVES = ("sapo", "grpo", "gspo", "spo")
+ENTROPY_COEF = 0.01
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str  # "hidden" or "logits"
+    mode: str  # "fwd" (log-probs without grad) or "fwdbwd" (loss, then backward)
+    objective: str  # "logp" for mode "fwd", else one of OBJECTIVES
+    entropy: bool
+    B: int
+    T: int
+    V: int
+    H: int = 0  # hidden path only
+    dtype: str = "bf16"
+    # (provider name, reason) pairs: providers this case set leaves out on purpose, with the reason.
+    skip: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def id(self) -> str:
+        ent = "-ent" if self.entropy else ""
+        hid = f"-H{self.H}" if self.path == "hidden" else ""
+        return f"{self.path}-{self.mode}-{self.objective}{ent}-N{self.N}-T{self.T}{hid}-V{self.V}-{self.dtype}"
+
+    @property
+    def family(self) -> str:
+        """The case with N left out: the cases of one family form a line against N in the plots."""
+        ent = "-ent" if self.entropy else ""
+        hid = f"-H{self.H}" if self.path == "hidden" else ""
+        return f"{self.path}-{self.mode}-{self.objective}{ent}{hid}-V{self.V}-{self.dtype}"
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    def work(self) -> dict:
+        """What the ceiling fraction counts: FLOPs on the hidden path, bytes on the logits path."""
+        N, H, V = self.N, self.H, self.V
+        if self.path == "hidden":
+            # logits = hidden @ weight.T is 2NHV; backward adds d hidden and d weight, 2NHV each.
+            return {"kind": "flops", "count": (2 if self.mode == "fwd" else 6) * N * H * V}
+        # Read N x V once forward; backward reads it again and writes d logits.
+        return {"kind": "bytes", "count": (1 if self.mode == "fwd" else 3) * N * V * self.itemsize}
+
+    def input_bytes(self) -> int:
+        if self.path == "hidden":
+            return (self.N + self.V) * self.H * self.itemsize
+        return self.N * self.V * self.itemsize
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip"] = [list(pair) for pair in self.skip]
+        d.update(id=self.id, family=self.family, N=self.N, work=self.work())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["skip"] = tuple(tuple(pair) for pair in kwargs.get("skip", ()))
+        return cls(**kwargs)
+
+
+def _rows(N: int, T: int = 2048) -> tuple[int, int]:
+    T = min(T, N)
+    return N // T, T
+
+
+def case_set(name: str) -> list[Case]:
+    """The cases of a set: "full" (GPU shapes), "quick" (CPU, small shapes plus the core memory case)
+    or "tiny" (seconds, for the test that keeps the harness working)."""
+    cases: list[Case] = []
+    if name == "full":
+        H, dt = 4096, "bf16"
+        sweep = (4096, 8192, 16384, 32768, 65536)
+        for path in ("hidden", "logits"):
+            extra = {"H": H} if path == "hidden" else {}
+            # The memory sweep: SAPO over N on the Qwen vocabulary.
+            for N in sweep:
+                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N), 151936, dtype=dt, **extra))
+            for N in (4096, 16384, 65536):
+                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N), 128256, dtype=dt, **extra))
+            # Every objective, entropy on and off, at the issue's headline shape.
+            for objective in OBJECTIVES:
+                for entropy in (False, True):
+                    if objective == "sapo" and not entropy:
+                        continue  # already in the sweep
+                    cases.append(Case(path, "fwdbwd", objective, entropy, *_rows(16384), 151936, dtype=dt, **extra))
+        for N in sweep:
+            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N), 151936, H=H, dtype=dt))
+        for N in (4096, 16384, 65536):
+            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N), 128256, H=H, dtype=dt))
+        cases.append(Case("hidden", "fwd", "logp", True, *_rows(16384), 151936, H=H, dtype=dt))
+        # One row of 131072 tokens: offsets past 2^31 elements, and no token axis on a 65535-limited grid.
+        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 151936, dtype=dt))
+        return cases
+    if name == "quick":
+        dt = "fp32"
+        compile_skip = (("torch-compile", "left out of --quick: a CPU compile per case takes tens of seconds; "
+                         "it runs on the N=1024 SAPO cases"),)
+        H, V = 256, 8192
+        for path in ("hidden", "logits"):
+            extra = {"H": H} if path == "hidden" else {}
+            for N in (256, 1024, 4096):
+                skip = () if N == 1024 else compile_skip
+                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N, 256), V, dtype=dt, skip=skip, **extra))
+            for objective in OBJECTIVES:
+                for entropy in (False, True):
+                    if objective == "sapo" and not entropy:
+                        continue
+                    cases.append(Case(path, "fwdbwd", objective, entropy, *_rows(1024, 256), V, dtype=dt,
+                                      skip=compile_skip, **extra))
+        for N in (256, 1024, 4096):
+            skip = () if N == 1024 else compile_skip
+            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N, 256), V, H=H, dtype=dt, skip=skip))
+        cases.append(Case("hidden", "fwd", "logp", True, *_rows(1024, 256), V, H=H, dtype=dt, skip=compile_skip))
+        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 16384, 4096, dtype=dt, skip=compile_skip))
+        # The core issue's memory case: N=4096, H=256, V=151936, fp32.
+        for mode, objective in (("fwd", "logp"), ("fwdbwd", "sapo")):
+            cases.append(Case("hidden", mode, objective, False, *_rows(4096, 1024), 151936, H=256, dtype=dt,
+                              skip=compile_skip))
+        return cases
+    if name == "tiny":
+        skip = (("torch-compile", "left out of --tiny: a CPU compile takes tens of seconds"),)
+        return [
+            Case("hidden", "fwdbwd", "sapo", False, 2, 32, 1000, H=32, dtype="fp32", skip=skip),
+            Case("logits", "fwdbwd", "grpo", False, 2, 32, 1000, dtype="fp32", skip=skip),
+        ]
+    raise ValueError(f"set must be one of 'full', 'quick', 'tiny', got {name!r}")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def make_inputs(case: Case, device: str, seed: int = 0, extra_position: bool = False) -> dict:
+    """Random inputs for one case; the same seed gives every provider the same data.
+
+    extra_position: logits of shape [B, T + 1, V] (Liger's Triton loss drops the last position).
+    """
+    import softpo
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    B, T, V, H = case.B, case.T, case.V, case.H
+    grad = case.mode == "fwdbwd"
+    out: dict = {"targets": torch.randint(0, V, (B, T), generator=gen, device=device)}
+    if case.path == "hidden":
+        hidden = torch.randn(B, T, H, generator=gen, device=device, dtype=dtype)
+        # Scaled so that logits have a standard deviation near 2, as a trained lm_head gives.
+        weight = torch.randn(V, H, generator=gen, device=device, dtype=dtype) * (2 / H**0.5)
+        out["hidden"], out["weight"] = hidden.requires_grad_(grad), weight.requires_grad_(grad)
+        out["leaves"] = [hidden, weight] if grad else []
+    else:
+        logits = torch.randn(B, T + int(extra_position), V, generator=gen, device=device, dtype=dtype) * 2
+        out["logits"] = logits.requires_grad_(grad)
+        out["leaves"] = [logits] if grad else []
+    out["mask"] = torch.ones(B, T, dtype=torch.bool, device=device)
+    if not grad:
+        return out
+    out["advantages"] = torch.randn(B, generator=gen, device=device)
+    with torch.no_grad():
+        if case.path == "hidden":
+            logp = softpo.token_logprobs(out["targets"], hidden=out["hidden"], weight=out["weight"])
+        else:
+            logp = softpo.token_logprobs(out["targets"], logits=out["logits"][:, :T])
+    # Old and reference policies a little off the current one, so ratios spread around 1.
+    out["old_logp"] = (logp + 0.05 * torch.randn(B, T, generator=gen, device=device)).contiguous()
+    out["ref_logp"] = (logp + 0.05 * torch.randn(B, T, generator=gen, device=device)).contiguous()
+    out["rewards"] = torch.rand(B, generator=gen, device=device)
+    out["q0"] = torch.full((B,), 0.5, device=device)
+    return out
+
+
+def loss_config(case: Case):
+    import softpo
+
+    overrides = {"entropy_coef": ENTROPY_COEF} if case.entropy else {}
+    return softpo.preset(case.objective, **overrides)
+
+
+# ---------------------------------------------------------------- providers
+
+
+def _missing(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed"
+    return None
+
+
+class Provider:
+    name = ""
+    label = ""
+    paths = ("hidden", "logits")
+    modes = ("fwd", "fwdbwd")
+    # The backward recomputes the logits: 8NHV executed where 6NHV are counted.
+    recomputes_logits = False
+    extra_position = False
+
+    def skip_reason(self, case: Case, device: str) -> str | None:
+        """None when this provider can run `case` on `device`, else the reason it cannot."""
+        for name, reason in case.skip:
+            if name == self.name:
+                return reason
+        if case.path not in self.paths:
+            return f"no {case.path} path in this provider"
+        if case.mode not in self.modes:
+            return f"no {case.mode} mode in this provider"
+        return self._skip_reason(case, device)
+
+    def _skip_reason(self, case: Case, device: str) -> str | None:
+        return None
+
+    def build(self, case: Case, inputs: dict) -> Callable[[], None]:
+        """A callable running the case once (forward, or forward and backward)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"label": self.label, "recomputes_logits": self.recomputes_logits}
+
+
+class SoftpoProvider(Provider):
+    recomputes_logits = True
+
+    def __init__(self, impl: str):
+        self.impl = impl
+        self.name = f"softpo-{impl}"
+        self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)"}[impl]
+
+    def _skip_reason(self, case, device):
+        if self.impl == "triton":
+            if device != "cuda":
+                return "softpo's Triton kernels need CUDA (on CPU they run only under the interpreter)"
+            try:
+                importlib.import_module("softpo.triton_ops")
+            except Exception as error:  # the kernels are optional until they land
+                return f"softpo.triton_ops unavailable: {type(error).__name__}: {error}"
+        return None
+
+    def build(self, case, inputs):
+        import softpo
+
+        targets = inputs["targets"]
+        sweep = {"logits": inputs["logits"]} if case.path == "logits" else {
+            "hidden": inputs["hidden"], "weight": inputs["weight"]}
+        if case.mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    softpo.token_logprobs(targets, return_entropy=case.entropy, impl=self.impl, **sweep)
+            return run
+        config = loss_config(case)
+        kwargs = _loss_kwargs(inputs)
+
+        def run():
+            out = softpo.policy_loss(config, targets, inputs["mask"], impl=self.impl, **sweep, **kwargs)
+            out.loss.backward()
+        return run
+
+
+def _loss_kwargs(inputs):
+    return {k: inputs[k] for k in ("advantages", "old_logp", "ref_logp", "rewards", "q0")}
+
+
+def _materialized(targets, entropy, hidden=None, weight=None, logits=None):
+    """What a user writes without a fused op: the whole [N, V] logits, then log_softmax in fp32."""
+    if logits is None:
+        logits = hidden @ weight.T
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+    return logp, ent
+
+
+def _eager_loss(config, targets, mask, advantages, old_logp, ref_logp, rewards, q0, hidden=None, weight=None,
+                logits=None):
+    from softpo import objectives
+
+    logp, ent = _materialized(targets, config.needs_entropy, hidden, weight, logits)
+    loss, _ = objectives.policy_objective(
+        config, logp, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, rewards=rewards, q0=q0, entropy=ent
+    )
+    return loss
+
+
+def _eager_logp(targets, entropy, hidden=None, weight=None, logits=None):
+    return _materialized(targets, entropy, hidden, weight, logits)
+
+
+class EagerProvider(Provider):
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.name = "torch-compile" if compiled else "torch-eager"
+        self.label = ("torch.compile of " if compiled else "torch eager: ") + \
+            "materialized logits + log_softmax + softpo.objectives"
+
+    def build(self, case, inputs):
+        targets = inputs["targets"]
+        sweep = {"logits": inputs["logits"]} if case.path == "logits" else {
+            "hidden": inputs["hidden"], "weight": inputs["weight"]}
+        if case.mode == "fwd":
+            fn = torch.compile(_eager_logp) if self.compiled else _eager_logp
+
+            def run():
+                with torch.no_grad():
+                    fn(targets, case.entropy, **sweep)
+            return run
+        fn = torch.compile(_eager_loss) if self.compiled else _eager_loss
+        config = loss_config(case)
+        kwargs = _loss_kwargs(inputs)
+
+        def run():
+            fn(config, targets, inputs["mask"], **kwargs, **sweep).backward()
+        return run
+
+
+def _liger_loss_type(case: Case) -> tuple[str, str]:
+    # GSPO is Liger's (and TRL's) "grpo" loss with sequence-level importance sampling.
+    return {"sapo": ("sapo", "token"), "grpo": ("grpo", "token"), "gspo": ("grpo", "sequence")}[case.objective]
+
+
+def _peer_policy_reason(peer: str, case: Case, entropy_ok: bool) -> str | None:
+    if case.objective == "spo":
+        return f"{peer} has no SPO (cumulative-Q) objective"
+    if case.entropy and not entropy_ok:
+        return f"{peer}'s GRPO loss computes no entropy, so no entropy bonus"
+    return None
+
+
+class LigerTritonProvider(Provider):
+    name = "liger-triton"
+    label = "Liger-Kernel triton_grpo_loss (logits, in-place backward)"
+    paths = ("logits",)
+    modes = ("fwdbwd",)
+    extra_position = True
+
+    def _skip_reason(self, case, device):
+        missing = _missing("liger_kernel")
+        if missing:
+            return missing
+        if device != "cuda":
+            return "Liger's Triton GRPO kernels need CUDA"
+        return _peer_policy_reason("Liger", case, entropy_ok=False)
+
+    def build(self, case, inputs):
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        config = loss_config(case)
+        loss_type, level = _liger_loss_type(case)
+        mask = inputs["mask"].long()
+
+        def run():
+            loss, _ = triton_grpo_loss(
+                inputs["logits"], inputs["old_logp"], inputs["ref_logp"] if config.beta else None,
+                inputs["targets"], inputs["advantages"], mask,
+                temperature=1.0, beta=config.beta, eps_low=config.epsilon, eps_high=config.epsilon_upper,
+                inplace=True, loss_type=loss_type, importance_sampling_level=level, reduce=True,
+                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+            )
+            loss.backward()
+        return run
+
+
+class LigerFusedLinearProvider(Provider):
+    name = "liger-fused-linear"
+    label = "Liger-Kernel LigerFusedLinearGRPOLoss (hidden states)"
+    paths = ("hidden",)
+    recomputes_logits = True
+
+    def _skip_reason(self, case, device):
+        missing = _missing("liger_kernel")
+        if missing:
+            return missing
+        if case.mode == "fwd":
+            return "Liger has no entropy in its chunked log-prob" if case.entropy else None
+        return _peer_policy_reason("Liger", case, entropy_ok=False)
+
+    def build(self, case, inputs):
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+        from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+        hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
+        if case.mode == "fwd":
+            # The chunked selective log-prob Liger's loss runs for the reference model's log-probs.
+            def run():
+                with torch.no_grad():
+                    LigerFusedLinearPPOBase.chunk_forward(hidden, weight, targets)
+            return run
+        config = loss_config(case)
+        loss_type, level = _liger_loss_type(case)
+        module = LigerFusedLinearGRPOLoss(
+            beta=config.beta, use_ref_model=config.beta > 0, epsilon_low=config.epsilon,
+            epsilon_high=config.epsilon_upper, loss_type=loss_type, importance_sampling_level=level,
+            sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+            # Liger compiles its O(tokens) loss math; on CPU that compile would dominate every case.
+            compiled=hidden.is_cuda,
+        )
+        mask = inputs["mask"].float()
+
+        def run():
+            loss, _ = module(
+                hidden, weight, targets, mask, inputs["advantages"],
+                ref_per_token_logps=inputs["ref_logp"] if config.beta else None,
+                old_per_token_logps=inputs["old_logp"],
+            )
+            loss.backward()
+        return run
+
+
+def trl_loss(loss_type, level, logp, old_logp, ref_logp, advantages, mask, entropies, *, epsilon_low,
+             epsilon_high, beta, sapo_temperature_pos, sapo_temperature_neg, entropy_coef):
+    """Mirrors the formula of TRL 1.16 GRPOTrainer._compute_loss for loss_type "grpo" and "sapo"
+    (token or sequence importance sampling), k3 KL with `beta`, and the entropy bonus."""
+    mask = mask.float()
+    adv = advantages.unsqueeze(1)
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+    if loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta:
+        per_token = per_token + beta * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if entropy_coef:
+        loss = loss - entropy_coef * (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss
+
+
+class TrlProvider(Provider):
+    name = "trl"
+    label = "TRL: chunked fused lm_head log-prob (hidden) / selective_log_softmax (logits) + TRL's loss"
+    recomputes_logits = True
+
+    def _skip_reason(self, case, device):
+        missing = _missing("trl")
+        if missing:
+            return missing
+        if case.mode == "fwdbwd":
+            return _peer_policy_reason("TRL", case, entropy_ok=True)
+        return None
+
+    def build(self, case, inputs):
+        targets, mask = inputs["targets"], inputs["mask"]
+        entropy = case.entropy
+        if case.path == "hidden":
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.kernels.chunked_logprob import _use_triton
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+            hidden, weight = inputs["hidden"], inputs["weight"]
+            outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+            # As add_fused_lm_head does: on Triton devices only the valid positions are projected.
+            compact = _use_triton(hidden.device)
+
+            def logprobs():
+                h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+                t = targets[mask] if compact else targets.reshape(-1)
+                out = ChunkedLogProbFunction.apply(
+                    h, weight, None, t, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+                if compact:
+                    return [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in out[:2]]
+                return [None if x is None else x.view(mask.shape) for x in out[:2]]
+        else:
+            from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
+            logits = inputs["logits"]
+
+            def logprobs():
+                if entropy:
+                    return selective_log_softmax_and_entropy(logits, targets)
+                return selective_log_softmax(logits, targets), None
+
+        if case.mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    logprobs()
+            return run
+        config = loss_config(case)
+        loss_type, level = _liger_loss_type(case)
+
+        def run():
+            logp, ent = logprobs()
+            trl_loss(
+                loss_type, level, logp, inputs["old_logp"], inputs["ref_logp"], inputs["advantages"], mask, ent,
+                epsilon_low=config.epsilon, epsilon_high=config.epsilon_upper, beta=config.beta,
+                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+                entropy_coef=config.entropy_coef,
+            ).backward()
+        return run
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        SoftpoProvider("triton"),
+        SoftpoProvider("torch"),
+        EagerProvider(compiled=False),
+        EagerProvider(compiled=True),
+        LigerTritonProvider(),
+        LigerFusedLinearProvider(),
+        TrlProvider(),
+    )
+}

@@ -1,0 +1,206 @@
+"""Logits path: per-token log-prob, lse and entropy from logits [N, V] of any float dtype and row stride.
+
+Tokens sit on grid axis 0 (limit 2**31 - 1), so any number of rows works. The forward reads each
+row once; the backward reads it once more and writes d logits, optionally into the logits' own
+storage (each element is read and then written by the same program, so in place is safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _finish_lse, _online_lse, _row_block, launch
+from .hidden import _grad_tile
+from .terms import _terms_epilogue, terms_kwargs
+
+LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+# (max V, unused, config): both passes stream the logits once, so tiles only need enough bytes in flight.
+_CONFIGS = [
+    (2048, 1 << 62, triton.Config({"BLOCK_N": 8, "BLOCK_V": 256}, num_warps=4, num_stages=2)),
+    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 4, "BLOCK_V": 2048}, num_warps=8, num_stages=2)),
+    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 2, "BLOCK_V": 4096}, num_warps=8, num_stages=2)),
+    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 8, "BLOCK_V": 1024}, num_warps=8, num_stages=3)),
+]
+_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 64}, num_warps=4, num_stages=1)
+_TUNED: dict = {}
+
+
+@triton.jit
+def _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature):
+    """A tile of logits / temperature in fp32, -inf where absent."""
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_ln + cols[None, :] * stride_lv,
+        mask=active[:, None] & (cols < V)[None, :], other=float("-inf"),
+    )
+    return x.to(tl.float32) * inv_temperature
+
+
+@triton.jit
+def _logits_fwd_kernel(
+    logits_ptr, targets_ptr, row_idx_ptr, n_valid_ptr,
+    logp_ptr, lse_ptr, entropy_ptr,
+    adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+    N, V,
+    stride_ln, stride_lv,
+    inv_temperature, lo, hi, delta, tau_pos, tau_neg, beta,
+    HAS_ROW_IDX: tl.constexpr, STORE_ENTROPY: tl.constexpr,
+    HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr,
+    HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    pos, rows, in_range, active, n_valid = _row_block(row_idx_ptr, n_valid_ptr, start, N, BLOCK_N, HAS_ROW_IDX)
+    targets = tl.load(targets_ptr + rows, mask=active, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    z_target = tl.zeros((BLOCK_N,), tl.float32)
+    v_stop = tl.where(start < n_valid, V, 0)
+    for v0 in range(0, v_stop, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
+        m, s, t = _online_lse(m, s, t, z)
+        z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+    lse, entropy = _finish_lse(m, s, t)
+    logp = tl.where(active, z_target - lse, 0.0)
+    tl.store(logp_ptr + rows, logp, mask=in_range)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_range)
+    if STORE_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_range)
+    if HAS_TERMS:
+        _terms_epilogue(
+            logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+            lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        )
+
+
+@triton.jit
+def _logits_bwd_kernel(
+    logits_ptr, targets_ptr, row_idx_ptr, n_valid_ptr,
+    lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dlogits_ptr,
+    N, V,
+    stride_ln, stride_lv, stride_dn, stride_dv,
+    inv_temperature,
+    HAS_ROW_IDX: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK_N
+    pos, rows, in_range, active, n_valid = _row_block(row_idx_ptr, n_valid_ptr, start, N, BLOCK_N, HAS_ROW_IDX)
+    targets = tl.load(targets_ptr + rows, mask=active, other=0)
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    g_logp = tl.load(g_logp_ptr + rows, mask=active, other=0.0)
+    entropy = lse
+    g_ent = lse
+    if HAS_ENT_GRAD:
+        entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
+        g_ent = tl.load(g_ent_ptr + rows, mask=active, other=0.0)
+    # Masked rows are swept too: their gradient is written as zeros (the output is never pre-zeroed).
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
+        grad = _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD)
+        grad = tl.where(active[:, None], grad, 0.0)
+        tl.store(
+            dlogits_ptr + rows[:, None] * stride_dn + cols[None, :] * stride_dv,
+            grad.to(dlogits_ptr.dtype.element_ty),
+            mask=in_range[:, None] & (cols < V)[None, :],
+        )
+
+
+def _check(logits, targets, row_idx, n_valid):
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    N, V = logits.shape
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"logits must have one of {LOGIT_DTYPES}, got {logits.dtype}")
+    if V < 1:
+        raise ValueError(f"logits must have V >= 1, got {tuple(logits.shape)}")
+    if targets.shape != (N,) or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(f"targets must be contiguous int64 [{N}], got {targets.dtype} {tuple(targets.shape)}")
+    if (row_idx is None) != (n_valid is None):
+        raise ValueError("row_idx and n_valid must be given together")
+    if row_idx is not None:
+        if row_idx.shape != (N,) or row_idx.dtype != torch.int64 or not row_idx.is_contiguous():
+            raise ValueError(f"row_idx must be contiguous int64 [{N}], got {row_idx.dtype} {tuple(row_idx.shape)}")
+        if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"n_valid must be a one-element int32/int64 tensor, got {n_valid.dtype} {tuple(n_valid.shape)}")
+    for name, t in (("targets", targets), ("row_idx", row_idx), ("n_valid", n_valid)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} must be on {logits.device}, got {t.device}")
+    return N, V
+
+
+def logits_logprob_fwd(logits, targets, *, temperature=1.0, row_idx=None, n_valid=None,
+                       return_entropy=False, terms=None):
+    """Per-token logp, lse (and entropy) of targets under softmax(logits / temperature).
+
+    logits [N, V] with any strides; targets int64 [N]; row_idx / n_valid / terms as in
+    `hidden_logprob_fwd`. Returns (logp, lse, entropy or None, term or None, coef or None), fp32 [N].
+    """
+    N, V = _check(logits, targets, row_idx, n_valid)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp = torch.empty(N, **f32)
+    lse = torch.empty(N, **f32)
+    entropy = torch.empty(N, **f32) if return_entropy else None
+    term_kwargs, term, coef = terms_kwargs(terms, N, logp)
+    if N == 0:
+        return logp, lse, entropy, term, coef
+    kwargs = dict(
+        logits_ptr=logits, targets_ptr=targets,
+        row_idx_ptr=targets if row_idx is None else row_idx, n_valid_ptr=targets if n_valid is None else n_valid,
+        logp_ptr=logp, lse_ptr=lse, entropy_ptr=logp if entropy is None else entropy,
+        N=N, V=V, stride_ln=logits.stride(0), stride_lv=logits.stride(1),
+        inv_temperature=1.0 / temperature,
+        HAS_ROW_IDX=row_idx is not None, STORE_ENTROPY=return_entropy,
+        **term_kwargs,
+    )
+    launch(
+        _logits_fwd_kernel, _TUNED, _CONFIGS, _INTERPRET_CONFIG,
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, 0, kwargs, key=["V"],
+    )
+    return logp, lse, entropy, term, coef
+
+
+def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=None, temperature=1.0,
+                       row_idx=None, n_valid=None, out=None):
+    """d logits [N, V] in the logits' dtype from per-token g_logp and optional g_entropy (fp32 [N]).
+
+    `out` (same shape and dtype as logits) receives the result; passing `logits` itself writes the
+    gradient over the logits in place. Masked rows get zeros.
+    """
+    N, V = _check(logits, targets, row_idx, n_valid)
+    if g_logp.shape != (N,) or g_logp.dtype != torch.float32 or not g_logp.is_contiguous():
+        raise ValueError(f"g_logp must be contiguous float32 [{N}], got {g_logp.dtype} {tuple(g_logp.shape)}")
+    if g_entropy is not None and entropy is None:
+        raise ValueError("entropy (from the forward) is required with g_entropy")
+    if out is None:
+        out = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
+    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
+        raise ValueError(f"out must match logits ({logits.dtype} {tuple(logits.shape)}), got {out.dtype} {tuple(out.shape)}")
+    inplace = out.data_ptr() == logits.data_ptr()
+    if inplace and out.stride() != logits.stride():
+        raise ValueError("out must have the logits' strides when it shares their storage")
+    if N == 0:
+        return out
+    kwargs = dict(
+        logits_ptr=logits, targets_ptr=targets,
+        row_idx_ptr=targets if row_idx is None else row_idx, n_valid_ptr=targets if n_valid is None else n_valid,
+        lse_ptr=lse, entropy_ptr=lse if entropy is None else entropy,
+        g_logp_ptr=g_logp, g_ent_ptr=g_logp if g_entropy is None else g_entropy, dlogits_ptr=out,
+        N=N, V=V, stride_ln=logits.stride(0), stride_lv=logits.stride(1),
+        stride_dn=out.stride(0), stride_dv=out.stride(1),
+        inv_temperature=1.0 / temperature,
+        HAS_ROW_IDX=row_idx is not None, HAS_ENT_GRAD=g_entropy is not None,
+    )
+    # When tuning in place, every trial must start from the logits, not the previous trial's gradient.
+    tune = dict(restore_value=["logits_ptr"]) if inplace else {}
+    launch(
+        _logits_bwd_kernel, _TUNED, _CONFIGS, _INTERPRET_CONFIG,
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, 0, kwargs, key=["V"], **tune,
+    )
+    return out

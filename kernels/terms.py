@@ -1,0 +1,232 @@
+"""Per-token policy terms evaluated in the epilogue of a forward sweep.
+
+Each function returns (value, coef) with coef = d value / d logp, so that the backward sweep only
+needs grad_logp = grad_term * coef. Each is the twin of a torch function in softpo.objectives and
+is pinned to it by tests/test_gates.py; ties follow torch's autograd conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+GATE_CLIP, GATE_SOFT, GATE_TRUNCATED = 0, 1, 2
+KL_NONE, KL_K1, KL_K2, KL_K3 = 0, 1, 2, 3
+
+
+@triton.jit
+def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """-min(u A, clamp(r, lo, hi) A), u = min(r, delta) with a dual clip, else r."""
+    c = tl.minimum(tl.maximum(r, lo), hi)
+    dc = tl.where((r >= lo) & (r <= hi), r, 0.0)
+    if HAS_DELTA:
+        u = tl.minimum(r, delta)
+        du = tl.where(r <= delta, r, 0.0)
+    else:
+        u = r
+        du = r
+    a = u * adv
+    b = c * adv
+    # torch.minimum splits the gradient evenly between equal arguments.
+    d = tl.where(a < b, du, tl.where(b < a, dc, 0.5 * (du + dc)))
+    return -tl.minimum(a, b), -adv * d
+
+
+@triton.jit
+def _soft_gate(r, adv, tau_pos, tau_neg):
+    """-sigmoid(tau (r - 1)) 4 / tau A, tau chosen by the sign of A."""
+    tau = tl.where(adv > 0, tau_pos, tau_neg)
+    s = tl.sigmoid(tau * (r - 1.0))
+    return -s * (4.0 / tau) * adv, -4.0 * s * (1.0 - s) * r * adv
+
+
+@triton.jit
+def _truncated_gate(r, adv, logp, cap):
+    """-stopgrad(min(r, cap)) A logp: REINFORCE weighted by the capped ratio."""
+    w = tl.minimum(r, cap)
+    return -w * adv * logp, -w * adv
+
+
+@triton.jit
+def _kl_estimate(logp, ref, KL: tl.constexpr):
+    """Estimate of KL(pi || pi_ref) from log pi_ref - log pi (Schulman's k1, k2, k3)."""
+    d = ref - logp
+    if KL == 1:
+        value = -d
+        deriv = tl.full(d.shape, 1.0, tl.float32)
+    elif KL == 2:
+        value = d * d * 0.5
+        deriv = -d
+    else:
+        e = tl.exp(d)
+        value = e - d - 1.0
+        deriv = 1.0 - e
+    return value, deriv
+
+
+@triton.jit
+def _token_terms(
+    logp, adv, old, ref, isw,
+    lo, hi, delta, tau_pos, tau_neg, beta,
+    GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+):
+    """(term, d term / d logp) of one token-level policy objective; absent inputs are ignored."""
+    if HAS_OLD:
+        r = tl.exp(logp - old)
+    else:
+        # On-policy: the ratio is exactly 1 and its derivative wrt logp is r = 1.
+        r = tl.full(logp.shape, 1.0, tl.float32)
+    if GATE == 0:
+        value, coef = _clip_gate(r, adv, lo, hi, delta, HAS_DELTA)
+    elif GATE == 1:
+        value, coef = _soft_gate(r, adv, tau_pos, tau_neg)
+    else:
+        value, coef = _truncated_gate(r, adv, logp, hi)
+    if HAS_ISW:
+        value = value * isw
+        coef = coef * isw
+    if KL != 0:
+        kl, dkl = _kl_estimate(logp, ref, KL)
+        if KL_RATIO:
+            dkl = (dkl + kl) * r
+            kl = kl * r
+        value = value + beta * kl
+        coef = coef + beta * dkl
+    return value, coef
+
+
+@triton.jit
+def _terms_epilogue(
+    logp, rows, in_range, active,
+    adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+    lo, hi, delta, tau_pos, tau_neg, beta,
+    GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+):
+    """Load a block's per-token inputs at `rows`, evaluate the terms, store term and coef (0 if masked)."""
+    adv = tl.load(adv_ptr + rows, mask=active, other=0.0).to(tl.float32)
+    old = logp
+    ref = logp
+    isw = logp
+    if HAS_OLD:
+        old = tl.load(old_ptr + rows, mask=active, other=0.0).to(tl.float32)
+    if KL != 0:
+        ref = tl.load(ref_ptr + rows, mask=active, other=0.0).to(tl.float32)
+    if HAS_ISW:
+        isw = tl.load(isw_ptr + rows, mask=active, other=0.0).to(tl.float32)
+    value, coef = _token_terms(
+        logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta,
+        GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+    )
+    tl.store(term_ptr + rows, tl.where(active, value, 0.0), mask=in_range)
+    tl.store(coef_ptr + rows, tl.where(active, coef, 0.0), mask=in_range)
+
+
+@triton.jit
+def _token_terms_kernel(
+    logp_ptr, valid_ptr,
+    adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+    N,
+    lo, hi, delta, tau_pos, tau_neg, beta,
+    GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, HAS_TERMS: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = rows < N
+    active = in_range
+    if HAS_VALID:
+        active = active & (tl.load(valid_ptr + rows, mask=in_range, other=0) != 0)
+    logp = tl.load(logp_ptr + rows, mask=active, other=0.0).to(tl.float32)
+    _terms_epilogue(
+        logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+        lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+    )
+
+
+@dataclass
+class TermsArgs:
+    """Per-token inputs and settings of the epilogue, as forward-kernel keyword arguments.
+
+    lo, hi: the clip range of the ratio (clip gate); hi is the ratio cap of the truncated gate.
+    kl: KL_NONE (no KL term), KL_K1, KL_K2 or KL_K3.
+    """
+
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    is_weight: torch.Tensor | None = None
+    gate: int = GATE_CLIP
+    lo: float = 0.8
+    hi: float = 1.2
+    delta: float | None = None
+    tau_pos: float = 1.0
+    tau_neg: float = 1.0
+    beta: float = 0.0
+    kl: int = KL_NONE
+    kl_ratio: bool = False
+
+    def check(self, N: int, device) -> None:
+        for name in ("advantages", "old_logp", "ref_logp", "is_weight"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if t.shape != (N,) or t.dtype != torch.float32 or t.device != device:
+                raise ValueError(f"{name} must be float32 [{N}] on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if self.gate not in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED):
+            raise ValueError(f"gate must be one of GATE_CLIP, GATE_SOFT, GATE_TRUNCATED, got {self.gate!r}")
+        if self.kl not in (KL_NONE, KL_K1, KL_K2, KL_K3):
+            raise ValueError(f"kl must be one of KL_NONE, KL_K1, KL_K2, KL_K3, got {self.kl!r}")
+        if self.kl != KL_NONE and self.ref_logp is None:
+            raise ValueError("ref_logp is required when kl is not KL_NONE")
+
+
+def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):
+    """Keyword arguments for a forward kernel's epilogue, and the (term, coef) outputs it writes."""
+    if terms is None:
+        kwargs = dict(
+            adv_ptr=dummy, old_ptr=dummy, ref_ptr=dummy, isw_ptr=dummy, term_ptr=dummy, coef_ptr=dummy,
+            lo=0.0, hi=0.0, delta=0.0, tau_pos=1.0, tau_neg=1.0, beta=0.0,
+            GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False, HAS_TERMS=False,
+        )
+        return kwargs, None, None
+    terms.check(N, dummy.device)
+    term = torch.empty(N, dtype=torch.float32, device=dummy.device)
+    coef = torch.empty(N, dtype=torch.float32, device=dummy.device)
+    pick = lambda t: dummy if t is None else t  # noqa: E731
+    kwargs = dict(
+        adv_ptr=terms.advantages, old_ptr=pick(terms.old_logp), ref_ptr=pick(terms.ref_logp),
+        isw_ptr=pick(terms.is_weight), term_ptr=term, coef_ptr=coef,
+        lo=float(terms.lo), hi=float(terms.hi), delta=float(terms.delta or 0.0),
+        tau_pos=float(terms.tau_pos), tau_neg=float(terms.tau_neg), beta=float(terms.beta),
+        GATE=terms.gate, HAS_OLD=terms.old_logp is not None, HAS_DELTA=terms.delta is not None,
+        HAS_ISW=terms.is_weight is not None, KL=terms.kl, KL_RATIO=bool(terms.kl_ratio), HAS_TERMS=True,
+    )
+    return kwargs, term, coef
+
+
+def token_terms(logp: torch.Tensor, terms: TermsArgs, valid: torch.Tensor | None = None):
+    """Evaluate the epilogue alone on given log-probs: (term, coef), both float32 [N].
+
+    The same @triton.jit functions run at the end of every forward sweep; this launcher lets the
+    tests pin them to their torch twins and serves callers that already hold logp.
+    """
+    if logp.dim() != 1 or logp.dtype != torch.float32:
+        raise ValueError(f"logp must be float32 [N], got {logp.dtype} {tuple(logp.shape)}")
+    N = logp.shape[0]
+    if valid is not None and (valid.shape != (N,) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be bool [{N}], got {valid.dtype} {tuple(valid.shape)}")
+    logp = logp.contiguous()
+    kwargs, term, coef = terms_kwargs(terms, N, logp)
+    BLOCK = 128 if interpreting() else 1024
+    _token_terms_kernel[(triton.cdiv(N, BLOCK),)](
+        logp_ptr=logp, valid_ptr=logp if valid is None else valid.contiguous(), N=N,
+        HAS_VALID=valid is not None, BLOCK=BLOCK, **kwargs,
+    )
+    return term, coef

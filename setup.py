@@ -1,0 +1,27 @@
+from setuptools import setup
+
+setup(
+    name="softpo",
+    version="0.1.0",
+    description="Fused Triton kernels for RL policy losses (SAPO, SPO, GRPO family) for LLM fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as softpo.kernels: a top-level `kernels` would shadow the PyPI package of that
+    # name, which transformers imports.
+    packages=["softpo", "softpo.integrations", "softpo.kernels"],
+    package_dir={"softpo": "softpo", "softpo.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.51",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.0", "accelerate", "datasets"],
+        "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.0", "matplotlib"],
+        "trl": ["trl>=1.0", "accelerate", "datasets"],
+    },
+    entry_points={"console_scripts": ["softpo=softpo.cli:main"]},
+)

@@ -1,0 +1,390 @@
+"""softpo's fused policy loss inside TRL's `GRPOTrainer`.
+
+    from softpo.integrations.trl import SoftpoGRPOTrainer
+    trainer = SoftpoGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+
+Everything but the loss stays TRL's: generation, rewards, advantages, and the old, reference and sampler
+log-probs that `_generate_and_score_completions` computes. The training forward runs the model's backbone
+and hands its last hidden states and `lm_head.weight` to `softpo.policy_loss`, so no logits tensor of the
+batch exists; on CUDA that is the Triton kernel, elsewhere the chunked torch sweep.
+
+The `GRPOConfig` is mapped to a `softpo.LossConfig` (`loss_config_from_grpo_config`), and the loss is scaled
+as TRL scales it for processes and gradient accumulation. A TRL option that softpo does not implement raises
+`ValueError` at construction, naming the option, rather than training a different objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+
+import torch
+from torch.distributed.tensor import DTensor
+from trl import GRPOConfig, GRPOTrainer
+
+from ..api import policy_loss
+from ..config import LossConfig, preset
+
+__all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
+
+# TRL loss_type -> (softpo gate, loss aggregation). The aggregation's scaling across processes and
+# accumulation steps is applied in `_normalizer` and `_compute_loss`.
+LOSS_TYPES = {
+    "grpo": ("clip", "seq-mean-token-mean"),
+    "bnpo": ("clip", "token-mean"),
+    "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
+    "dapo": ("clip", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("soft", "seq-mean-token-mean"),
+}
+# Loss types whose token-mean divides by the token count of the whole accumulated, all-process batch.
+_GLOBAL_TOKEN_MEAN = ("dapo", "cispo")
+
+
+def _unsupported(args: GRPOConfig) -> list[str]:
+    """The GRPOConfig settings that softpo cannot reproduce, each as 'option=value (why)'."""
+    problems = []
+    if args.loss_type not in LOSS_TYPES:
+        problems.append(f"loss_type={args.loss_type!r} (softpo implements {sorted(LOSS_TYPES)})")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        problems.append(f"importance_sampling_level={args.importance_sampling_level!r} (TRL knows 'token', 'sequence')")
+    if args.top_entropy_quantile != 1.0:
+        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (no high-entropy token mask in softpo)")
+    if args.off_policy_mask_threshold is not None:
+        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (no off-policy sequence mask)")
+    if args.use_adaptive_entropy:
+        problems.append("use_adaptive_entropy=True (softpo's entropy_coef is a constant)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        if args.vllm_importance_sampling_clip_min is not None:
+            problems.append(
+                f"vllm_importance_sampling_clip_min={args.vllm_importance_sampling_clip_min} "
+                "(softpo's sampler correction has an upper cap only)"
+            )
+        if args.vllm_importance_sampling_clip_max is None:
+            problems.append("vllm_importance_sampling_clip_max=None (softpo's sampler correction needs a finite cap)")
+    return problems
+
+
+def loss_config_from_grpo_config(args: GRPOConfig) -> LossConfig:
+    """The `softpo.LossConfig` that computes the same loss as TRL's `GRPOTrainer` with `args`.
+
+    Raises ValueError naming every option that has no softpo equivalent.
+    """
+    problems = _unsupported(args)
+    if problems:
+        raise ValueError(
+            "softpo cannot reproduce these GRPOConfig settings; change them or use trl.GRPOTrainer: "
+            + "; ".join(problems)
+        )
+    gate, aggregation = LOSS_TYPES[args.loss_type]
+    sampler_correction = {}
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        sampler_correction = dict(
+            vllm_importance_sampling_mode=args.vllm_importance_sampling_mode,
+            vllm_importance_sampling_cap=float(args.vllm_importance_sampling_clip_max),
+        )
+    return preset(
+        args.loss_type,
+        objective="policy",
+        importance_sampling_level=args.importance_sampling_level,
+        gate=gate,
+        epsilon=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        # TRL reads delta only in its clipped losses.
+        delta=args.delta if gate == "clip" else None,
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg,
+        beta=args.beta,
+        kl_estimator="k3",
+        use_bias_correction_kl=args.use_bias_correction_kl,
+        entropy_coef=args.entropy_coef,
+        # TRL logs the entropy whatever the coefficient.
+        compute_entropy=True,
+        loss_aggregation=aggregation,
+        max_completion_length=args.max_completion_length if aggregation == "seq-mean-token-sum-norm" else None,
+        **sampler_correction,
+    )
+
+
+def _logit_scale(text_config) -> float:
+    """The factor the model's own head applies to its logits (1.0 for most models)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        # Granite and MiniCPM3 divide by it; HyperCLOVA X multiplies.
+        return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def _check_model(model) -> float:
+    """Refuse heads softpo cannot compute; return the logit scale to fold into the temperature."""
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"final_logit_softcapping={text_config.final_logit_softcapping} (model config): softpo's loss has no "
+            "logit soft-capping; use trl.GRPOTrainer for this model"
+        )
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight for softpo to read")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which softpo's loss does not add")
+    scale = _logit_scale(text_config)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"the model's logit scale must be a finite number > 0 for softpo, got {scale}")
+    return scale
+
+
+def _add_softpo_head(model) -> None:
+    """Let `model(..., softpo_loss_fn=f)` run the backbone and return `f(backbone_outputs, lm_head_weight)`.
+
+    The loss runs inside the model's forward, as TRL's own fused head does, so wrappers that act around the
+    forward (DDP's gradient hooks, FSDP's parameter gathering, autocast) see it. Without the keyword the
+    forward is the one it replaces, so generation is unchanged.
+    """
+    replaced_forward = model.forward
+
+    # `generate` validates its keyword arguments against the forward's signature.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, softpo_loss_fn=None, **kwargs):
+        if softpo_loss_fn is None:
+            return replaced_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
+        outputs = self.base_model(*args, **kwargs)
+        weight = self.get_output_embeddings().weight
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        return softpo_loss_fn(outputs, weight)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _bound_args(init, args, kwargs):
+    try:
+        return inspect.signature(init).bind_partial(*args, **kwargs).arguments.get("args")
+    except TypeError:
+        return None
+
+
+class SoftpoGRPOMixin:
+    """Replaces `GRPOTrainer._compute_loss` with softpo's; put it before a GRPOTrainer class in the bases."""
+
+    # "auto": the Triton kernels for CUDA tensors, the chunked torch sweep otherwise.
+    softpo_impl = "auto"
+
+    def __init__(self, *args, **kwargs):
+        early_args = _bound_args(super().__init__, args, kwargs)
+        if isinstance(early_args, GRPOConfig):
+            # Fail before TRL loads reference models or connects to a vLLM server.
+            loss_config_from_grpo_config(early_args)
+        super().__init__(*args, **kwargs)
+        self.softpo_config = loss_config_from_grpo_config(self.args)
+        if self.is_deepspeed_enabled:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(
+                    "DeepSpeed ZeRO-3 (deepspeed config): softpo's backward re-reads lm_head.weight, which "
+                    "ZeRO-3 has partitioned again by then; use ZeRO-2 or FSDP"
+                )
+        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._softpo_logit_scale = _check_model(target)
+        _add_softpo_head(target)
+
+    def _normalizer(self, inputs, mode):
+        """The token count TRL's dapo and cispo divide one micro-batch's sum by, before the 1/accumulation factor."""
+        if self.loss_type not in _GLOBAL_TOKEN_MEAN:
+            return None
+        # num_items_in_batch counts the tokens of the whole generation batch on all processes; a micro-batch's share
+        # of one optimizer step is this divided by processes and steps per generation, times accumulation steps.
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer / self.args.steps_per_generation
+        return normalizer
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        T = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = mask.bool()
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        config = self.softpo_config
+
+        old_logp = inputs.get("old_per_token_logps")
+        ref_logp = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
+        rollout_logp = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            sampled = inputs["sampling_per_token_logps"]
+            # TRL gives tokens the sampler could not score a correction weight of exactly 1.
+            rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
+        temperature = self.temperature / self._softpo_logit_scale
+        normalizer = self._normalizer(inputs, mode)
+        cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
+
+        def loss_fn(outputs, weight):
+            # Position t of the backbone output predicts token t + 1: the completion is predicted by the T
+            # positions that end one before the sequence does.
+            hidden = outputs.last_hidden_state[:, -T - 1 : -1].to(weight.device)
+            if cast_head_to_fp32:
+                hidden, weight = hidden.float(), weight.float()
+                context = torch.autocast(hidden.device.type, enabled=False)
+            elif torch.is_autocast_enabled(hidden.device.type):
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+                context = torch.autocast(hidden.device.type, enabled=False)
+            else:
+                hidden = hidden.to(weight.dtype)
+                context = torch.autocast(hidden.device.type, enabled=False)
+            with context:
+                out = policy_loss(
+                    config,
+                    completion_ids.to(weight.device),
+                    mask.to(weight.device),
+                    inputs["advantages"],
+                    hidden=hidden,
+                    weight=weight,
+                    old_logp=old_logp,
+                    ref_logp=ref_logp,
+                    rollout_logp=rollout_logp,
+                    temperature=temperature,
+                    normalizer=normalizer,
+                    impl=self.softpo_impl,
+                )
+            aux_loss = self._softpo_router_aux_loss(outputs, attention_mask) if self.aux_loss_enabled else None
+            return out, aux_loss
+
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key in _FORWARD_EXTRAS:
+            if inputs.get(key) is not None:
+                model_inputs[key] = inputs[key]
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            out, aux_loss = model(**model_inputs, softpo_loss_fn=loss_fn)
+
+        loss = out.loss / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_softpo_metrics(mode, out, inputs, mask, old_logp, ref_logp, accumulation)
+        return loss
+
+    def _softpo_router_aux_loss(self, outputs, attention_mask):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        text_config = self.accelerator.unwrap_model(self.model).config.get_text_config()
+        num_experts = getattr(text_config, "num_experts", None) or text_config.num_local_experts
+        return load_balancing_loss_func(
+            outputs.router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
+        )
+
+    def _log_softpo_metrics(self, mode, out, inputs, mask, old_logp, ref_logp, accumulation):
+        """TRL's loss metrics, under TRL's names and with TRL's cross-process reductions."""
+        metrics = self._metrics[mode]
+        sequence_level = self.importance_sampling_level == "sequence"
+        logp = out.logp
+        old = logp if old_logp is None else old_logp.to(logp.dtype)
+        log_ratio = torch.where(mask, logp - old, torch.zeros_like(logp))
+        if sequence_level:
+            log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(log_ratio)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        fmask = mask.to(logp.dtype)
+
+        def global_mean(x):
+            # [B, 1] values are one per sequence (sequence level); [B, T] are averaged over unmasked tokens.
+            if x.shape[1] == 1:
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * fmask).sum(), fmask.sum()])
+            total = self.accelerator.reduce(local, reduction="sum")
+            return (total[0] / total[1].clamp(min=1.0)).item()
+
+        def per_sequence(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * fmask).sum(-1) / fmask.sum(-1)
+
+        if self.beta != 0.0:
+            log_ref_ratio = ref_logp.to(logp.dtype) - logp
+            kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * ratio
+            metrics["kl"].append(global_mean(kl))
+        metrics["entropy"].append(global_mean(out.entropy))
+        if self._entropy_bonus_enabled:
+            # TRL logs the policy term as it enters the loss, before the accumulation factor of the other types.
+            policy = out.metrics["policy_loss"]
+            if self.loss_type in _GLOBAL_TOKEN_MEAN:
+                policy = policy / accumulation
+            metrics["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
+        if self.softpo_config.gate == "clip":
+            low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).to(logp.dtype)
+            high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).to(logp.dtype)
+            metrics["clip_ratio/low_mean"].append(global_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
+            metrics["clip_ratio/low_min"].append(_nan_extreme(self.accelerator.gather(per_sequence(low)), min))
+            metrics["clip_ratio/high_max"].append(_nan_extreme(self.accelerator.gather(per_sequence(high)), max))
+        elif self.softpo_config.gate == "cispo":
+            capped = ((ratio > self.epsilon_high) & (advantages > 0)).to(logp.dtype)
+            metrics["cispo_clip_ratio"].append(global_mean(capped))
+
+
+def _nan_extreme(values: torch.Tensor, pick) -> float:
+    finite = values[~torch.isnan(values)]
+    return float("nan") if finite.numel() == 0 else pick(finite.tolist())
+
+
+# Multimodal fields TRL's training forward passes to the model; the whole micro-batch is one forward here.
+_FORWARD_EXTRAS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class SoftpoGRPOTrainer(SoftpoGRPOMixin, GRPOTrainer):
+    """`trl.GRPOTrainer` with softpo's fused policy loss: same arguments, same data pipeline, same metrics."""
+
+
+_WRAPPED: dict[type, type] = {GRPOTrainer: SoftpoGRPOTrainer}
+
+
+def softpo_trainer(trainer_class: type) -> type:
+    """A subclass of `trainer_class` (GRPOTrainer or a subclass of it) whose policy loss is softpo's.
+
+    >>> MyTrainer = softpo_trainer(MyGRPOTrainer)
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, GRPOTrainer)):
+        raise ValueError(f"trainer_class must be trl.GRPOTrainer or a subclass of it, got {trainer_class!r}")
+    if issubclass(trainer_class, SoftpoGRPOMixin):
+        return trainer_class
+    if trainer_class._compute_loss is not GRPOTrainer._compute_loss:
+        raise ValueError(
+            f"trainer_class {trainer_class.__name__} overrides _compute_loss, which softpo replaces; "
+            "its loss would be silently dropped"
+        )
+    if trainer_class not in _WRAPPED:
+        _WRAPPED[trainer_class] = type(
+            f"Softpo{trainer_class.__name__}",
+            (SoftpoGRPOMixin, trainer_class),
+            {"__module__": trainer_class.__module__, "__doc__": f"{trainer_class.__name__} with softpo's policy loss."},
+        )
+    return _WRAPPED[trainer_class]

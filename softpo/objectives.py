@@ -1,0 +1,267 @@
+"""The loss math of every objective, written once in torch on [B, T] tensors.
+
+This module is the specification. Everything here is O(tokens): the vocabulary-sized work (log-probs,
+entropy and their gradients) happens before, in `softpo.chunked` or the Triton kernels, and arrives as
+`logp` and `entropy`. The Triton epilogue that evaluates token-level gates in-kernel is pinned by tests
+to `token_terms` below.
+
+Notation: logp = log pi(y_t), old = log pi_old(y_t), r = exp(logp - old), A = advantage, m = mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LossConfig
+
+# Exponentials of log-ratios are taken at most at this exponent (r <= 4.9e8): the bias-corrected KL
+# multiplies two of them, and exp(2 * 20) is still far inside fp32, where exp(2 * 50) is not.
+LOG_RATIO_LIMIT = 20.0
+
+
+def bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio.clamp(max=LOG_RATIO_LIMIT))
+
+
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    # where() rather than a product, so that a non-finite value at a padded position cannot leak in.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    masked = torch.where(mask, x, zero)
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _masked_sum(x, mask) / mask.sum().clamp(min=1)
+
+
+def log_importance_ratio(
+    config: LossConfig, logp: torch.Tensor, old_logp: torch.Tensor | None, mask: torch.Tensor
+) -> torch.Tensor:
+    """log of the ratio each token's gate sees, at the config's importance-sampling level, [B, T]."""
+    old = logp.detach() if old_logp is None else old_logp
+    log_ratio = torch.where(mask, logp - old, torch.zeros_like(logp))
+    if config.importance_sampling_level == "token":
+        return log_ratio
+    # GSPO: the length-normalized sequence log-ratio, shared by every token of the sequence.
+    seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    if config.importance_sampling_level == "sequence":
+        return seq.expand_as(logp)
+    # GSPO-token: value of the sequence ratio, gradient of each token's own log-prob.
+    return seq.detach() + logp - logp.detach()
+
+
+def gate_terms(
+    config: LossConfig, ratio: torch.Tensor, advantages: torch.Tensor, logp: torch.Tensor
+) -> torch.Tensor:
+    """Per-token policy term (to be minimized) of the config's gate."""
+    if config.gate == "clip":
+        clipped = ratio.clamp(1 - config.epsilon, 1 + config.epsilon_upper)
+        unclipped = ratio if config.delta is None else ratio.clamp(max=config.delta)
+        return -torch.minimum(unclipped * advantages, clipped * advantages)
+    if config.gate == "soft":
+        tau = torch.where(
+            advantages > 0,
+            torch.full_like(advantages, config.sapo_temperature_pos),
+            torch.full_like(advantages, config.sapo_temperature_neg),
+        )
+        return -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * advantages
+    # cispo: REINFORCE on logp, weighted by the detached, capped ratio.
+    return -ratio.clamp(max=config.epsilon_upper).detach() * advantages * logp
+
+
+def kl_terms(config: LossConfig, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi."""
+    log_ref_ratio = ref_logp - logp
+    if config.kl_estimator == "k1":
+        return -log_ref_ratio
+    if config.kl_estimator == "k2":
+        return log_ref_ratio.square() / 2
+    return bounded_exp(log_ref_ratio) - log_ref_ratio - 1
+
+
+def _policy_terms(config, logp, ratio, advantages, ref_logp, is_weight):
+    terms = gate_terms(config, ratio, advantages, logp)
+    if is_weight is not None:
+        terms = terms * is_weight
+    if config.beta > 0:
+        kl = kl_terms(config, logp, ref_logp)
+        if config.use_bias_correction_kl:
+            kl = kl * ratio
+        terms = terms + config.beta * kl
+    return terms
+
+
+def token_terms(
+    config: LossConfig,
+    logp: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token loss term of a token-level policy objective, before aggregation.
+
+    All tensors share one shape ([N] or [B, T]). This is the torch twin of the Triton epilogue:
+    its value and its autograd gradient with respect to `logp` are what the kernel must produce.
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = bounded_exp(logp - old)
+    return _policy_terms(config, logp, ratio, advantages, ref_logp, is_weight)
+
+
+def rollout_weights(
+    config: LossConfig, old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Detached importance weight correcting for the sampler/trainer mismatch, [B, T] or [B, 1]."""
+    log_w = torch.where(mask, old_logp - rollout_logp, torch.zeros_like(old_logp)).detach()
+    if config.vllm_importance_sampling_mode.startswith("sequence"):
+        log_w = log_w.sum(-1, keepdim=True)
+    w = bounded_exp(log_w)
+    cap = config.vllm_importance_sampling_cap
+    if config.vllm_importance_sampling_mode.endswith("truncate"):
+        return w.clamp(max=cap)
+    return w.masked_fill(w > cap, 0.0)
+
+
+def aggregate(
+    config: LossConfig, terms: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Reduce per-token terms [B, T] to the scalar loss."""
+    B, T = mask.shape
+    if config.loss_aggregation == "seq-mean-token-mean":
+        per_seq = _masked_sum(terms, mask, -1) / mask.sum(-1).clamp(min=1)
+        return per_seq.mean() if B else terms.sum()
+    if config.loss_aggregation == "token-mean":
+        denominator = mask.sum().clamp(min=1) if normalizer is None else normalizer
+        return _masked_sum(terms, mask) / denominator
+    if config.loss_aggregation == "seq-mean-token-sum-norm":
+        length = config.max_completion_length or T
+        return _masked_sum(terms, mask) / max(B * length, 1)
+    return _masked_sum(terms, mask, -1).mean() if B else terms.sum()
+
+
+def spo_q0(rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Initial soft value per prompt from a group of reward samples: beta * log mean exp(R / beta).
+
+    rewards: [P, G] (G samples for each of P prompts) -> [P]. Under the reference policy the soft
+    value of a prompt is V* = beta * log E_{y ~ pi_ref}[exp(R(y) / beta)] (SPO, arXiv 2503.05453),
+    which this estimates from the G samples.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] == 0:
+        raise ValueError(f"rewards must have shape [P, G] with G >= 1, got {tuple(rewards.shape)}")
+    if not (isinstance(beta, (int, float)) and beta > 0 and beta < float("inf")):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite")
+    r = rewards.double() / beta
+    G = rewards.shape[1]
+    return (beta * (torch.logsumexp(r, dim=1) - torch.log(torch.tensor(float(G), dtype=r.dtype)))).to(rewards.dtype)
+
+
+def spo_loss(
+    config: LossConfig,
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    q0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPO's cumulative-Q loss. Returns (loss, Q per sequence).
+
+    Q_T = q0 + beta * sum_t m_t (logp_t - ref_t): the soft Q of the full completion, parameterized
+    by the policy itself, so no value model is needed.
+    squared: mean_b (Q - R)^2 / 2.
+    bce: with u = min(Q / beta, -1e-4) read as log P(success), mean_b -(R u) - (1 - R) log(1 - e^u).
+    """
+    cumulative = _masked_sum(logp - ref_logp, mask, -1)
+    q = q0 + config.beta * cumulative
+    if config.spo_loss == "squared":
+        per_seq = (q - rewards).square() / 2
+    else:
+        u = (q / config.beta).clamp(max=-1e-4)
+        per_seq = -(rewards * u) - (1 - rewards) * torch.log(-torch.expm1(u))
+    return (per_seq.mean() if per_seq.numel() else q.sum()), q
+
+
+def policy_objective(
+    config: LossConfig,
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    q0: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    terms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scalar loss and metrics of `config` from per-token log-probs.
+
+    logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
+    `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
+    and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
+    """
+    metrics: dict[str, torch.Tensor] = {}
+    if config.objective == "spo":
+        loss, q = spo_loss(config, logp, mask, ref_logp, rewards, q0)
+        metrics["q_mean"] = q.detach().mean() if q.numel() else q.detach().sum()
+        metrics["kl"] = _masked_mean(kl_terms(config, logp.detach(), ref_logp), mask)
+        metrics["policy_loss"] = loss.detach()
+    else:
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        adv = adv.expand_as(logp)
+        log_ratio = log_importance_ratio(config, logp, old_logp, mask)
+        ratio = bounded_exp(log_ratio)
+        is_weight = None
+        if rollout_logp is not None:
+            old = logp.detach() if old_logp is None else old_logp
+            is_weight = rollout_weights(config, old, rollout_logp, mask)
+            metrics["is_weight_mean"] = _masked_mean(is_weight.expand_as(logp), mask)
+        if terms is None:
+            terms = _policy_terms(config, logp, ratio, adv, ref_logp, is_weight)
+        loss = aggregate(config, terms, mask, normalizer)
+        metrics["policy_loss"] = loss.detach()
+        _ratio_metrics(config, metrics, ratio.detach(), adv, mask, logp.detach(), old_logp)
+        if ref_logp is not None:
+            metrics["kl"] = _masked_mean(kl_terms(config, logp.detach(), ref_logp), mask)
+    if entropy is not None:
+        mean_entropy = _masked_mean(entropy, mask)
+        metrics["entropy"] = mean_entropy.detach()
+        if config.entropy_coef != 0:
+            loss = loss - config.entropy_coef * mean_entropy
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def _ratio_metrics(config, metrics, ratio, adv, mask, logp, old_logp):
+    count = mask.sum()
+    has_tokens = count > 0
+    one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+    inf = torch.full((), float("inf"), dtype=ratio.dtype, device=ratio.device)
+    metrics["ratio_mean"] = torch.where(has_tokens, _masked_mean(ratio, mask), one)
+    metrics["ratio_min"] = torch.where(has_tokens, torch.where(mask, ratio, inf).amin() if ratio.numel() else one, one)
+    metrics["ratio_max"] = torch.where(has_tokens, torch.where(mask, ratio, -inf).amax() if ratio.numel() else one, one)
+    if config.gate == "clip":
+        low = (ratio < 1 - config.epsilon) & (adv < 0)
+        high = (ratio > 1 + config.epsilon_upper) & (adv > 0)
+        metrics["clip_fraction_low"] = _masked_mean(low.to(ratio.dtype), mask)
+        metrics["clip_fraction_high"] = _masked_mean(high.to(ratio.dtype), mask)
+        metrics["clip_fraction"] = _masked_mean((low | high).to(ratio.dtype), mask)
+    elif config.gate == "cispo":
+        capped = (ratio > config.epsilon_upper) & (adv > 0)
+        metrics["clip_fraction"] = _masked_mean(capped.to(ratio.dtype), mask)
+    else:
+        # d/dr of sigmoid(tau (r - 1)) * 4 / tau: the weight SAPO's gate puts on each token's gradient.
+        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(ratio.dtype)
+        s = torch.sigmoid(tau * (ratio - 1))
+        metrics["gate_weight"] = _masked_mean(4 * s * (1 - s), mask)
+    # SAPO's sequence coherence assumption: log-ratios vary little within a sequence.
+    token_log_ratio = torch.zeros_like(logp) if old_logp is None else torch.where(mask, logp - old_logp, 0.0)
+    lengths = mask.sum(-1)
+    mean = _masked_sum(token_log_ratio, mask, -1) / lengths.clamp(min=1)
+    var = _masked_sum((token_log_ratio - mean.unsqueeze(-1)).square(), mask, -1) / lengths.clamp(min=1)
+    metrics["log_ratio_seq_var"] = _masked_sum(var, lengths > 0) / (lengths > 0).sum().clamp(min=1)

@@ -1,0 +1,91 @@
+"""Materialized references: the plainest torch that computes the same thing, for tests to compare with."""
+
+from __future__ import annotations
+
+import torch
+
+import softpo
+from softpo import objectives
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def reference_logprobs(targets, *, hidden=None, weight=None, logits=None, temperature=1.0):
+    """(logp, entropy) from materialized logits, in the inputs' dtype (as plain torch would)."""
+    z = hidden @ weight.T if logits is None else logits
+    log_probs = torch.log_softmax(z / temperature, dim=-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def reference_policy_loss(config, targets, mask, advantages=None, *, hidden=None, weight=None, logits=None,
+                          temperature=1.0, **kwargs):
+    """The loss through materialized logits and the torch spec, in the inputs' dtype."""
+    logp, entropy = reference_logprobs(targets.clamp(min=0), hidden=hidden, weight=weight, logits=logits,
+                                       temperature=temperature)
+    mask = mask.bool()
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    entropy = torch.where(mask, entropy, torch.zeros_like(entropy)) if config.needs_entropy else None
+    loss, _ = objectives.policy_objective(config, logp, mask, advantages, entropy=entropy, **kwargs)
+    return loss
+
+
+def assert_close_to_gt(out, ref, gt, dtype, what=""):
+    """ours (out) is never worse than plain torch in the same dtype (ref), against float64 (gt)."""
+    out, ref, gt = out.double(), ref.double(), gt.double()
+    tol = TOLERANCE[dtype] * (1 + gt.abs())
+    err_out = (out - gt).abs()
+    bound = (ref - gt).abs() + tol
+    worst = (err_out - bound).max() if err_out.numel() else torch.tensor(-1.0)
+    assert bool((err_out <= bound).all()), f"{what}: error {err_out.max():.3e} exceeds bound by {worst:.3e}"
+
+
+def all_configs():
+    """Every preset and every option, as pytest params of (config, uses_rollout_correction)."""
+    import pytest
+
+    grpo = softpo.GRPO
+    cases = [pytest.param(config, False, id=name) for name, config in softpo.PRESETS.items()]
+    options = {
+        "grpo-delta": grpo.replace(delta=1.5),
+        "grpo-k1": grpo.replace(beta=0.05, kl_estimator="k1"),
+        "grpo-k2": grpo.replace(beta=0.05, kl_estimator="k2"),
+        "grpo-k3-biascorr": grpo.replace(beta=0.05, use_bias_correction_kl=True),
+        "sapo-kl-entropy": softpo.SAPO.replace(beta=0.04, entropy_coef=0.01),
+        "gspo-kl-biascorr": softpo.GSPO.replace(beta=0.04, use_bias_correction_kl=True),
+        "gsposeqtok-entropy": softpo.GSPO_TOKEN.replace(entropy_coef=0.02),
+        "cispo-seq": softpo.CISPO.replace(importance_sampling_level="sequence"),
+        "grpo-seqsum": grpo.replace(loss_aggregation="seq-mean-token-sum"),
+        "drgrpo-maxlen": softpo.DR_GRPO.replace(max_completion_length=9),
+        "spo-bce": softpo.SPO.replace(spo_loss="bce"),
+        "spo-entropy": softpo.SPO.replace(entropy_coef=0.01),
+    }
+    cases += [pytest.param(config, False, id=name) for name, config in options.items()]
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        config = softpo.SAPO.replace(vllm_importance_sampling_mode=mode, vllm_importance_sampling_cap=1.2)
+        cases.append(pytest.param(config, True, id=f"sapo-{mode}"))
+    cases.append(pytest.param(grpo.replace(vllm_importance_sampling_mode="token_mask"), True, id="grpo-token_mask"))
+    return cases
+
+
+def loss_kwargs(config, logp, uses_rollout, *, seed=0, log_ratio_scale=0.3):
+    """advantages, old/ref/rollout log-probs, rewards and q0 for `config`, around the current logp [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = logp.shape
+    base = logp.detach().double().cpu()
+
+    def noise(scale):
+        return scale * torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    kwargs = {"old_logp": base + noise(log_ratio_scale)}
+    if config.objective == "policy":
+        kwargs["advantages"] = torch.randn(B, generator=g, dtype=torch.float64)
+    if config.needs_ref:
+        kwargs["ref_logp"] = base + noise(0.3)
+    if uses_rollout:
+        kwargs["rollout_logp"] = kwargs["old_logp"] + noise(0.2)
+    if config.objective == "spo":
+        kwargs["rewards"] = torch.rand(B, generator=g, dtype=torch.float64)
+        kwargs["q0"] = -0.5 * torch.rand(B, generator=g, dtype=torch.float64)
+    return {k: v.to(logp.device) for k, v in kwargs.items()}

@@ -1,0 +1,372 @@
+"""The Triton sweeps (softpo.triton_ops over softpo.kernels) against materialized float64 references.
+
+Without CUDA these run under TRITON_INTERPRET=1 (set by conftest) on small shapes; with CUDA the
+same tests run compiled, plus production-sized shapes.
+"""
+
+import math
+
+import pytest
+import torch
+
+import softpo
+from softpo import kernels as K
+from softpo import objectives
+from softpo.triton_ops import triton_fused_token_terms, triton_token_logprobs
+
+from reference import TOLERANCE, assert_close_to_gt, reference_logprobs
+
+pytestmark = [
+    pytest.mark.usefixtures("poison_empty"),
+    # The interpreter evaluates masked-out lanes too (log 0, inf * 0) before where() discards them.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _case(N, H, V, dtype, why, **extra):
+    tags = "".join(f"-{v if isinstance(v, str) else k}" for k, v in extra.items() if v)
+    return pytest.param(N, H, V, dtype, extra, id=f"N{N}-H{H}-V{V}-{DTYPE_NAMES[dtype]}{tags}", marks=())
+
+
+SHAPES = [
+    _case(1, 16, 1, torch.float32, "one token, one-word vocabulary: logp is exactly 0"),
+    _case(63, 40, 97, torch.bfloat16, "odd H and V, ragged last tiles both ways", masked=True),
+    _case(63, 64, 1000, torch.float16, "many vocabulary tiles", masked=True),
+    _case(33, 40, 1000, torch.float32, "strided hidden and transposed weight", noncontig=True, masked=True),
+    _case(17, 24, 97, torch.bfloat16, "every token masked", all_masked=True),
+]
+if CUDA:
+    SHAPES += [
+        _case(300, 4096, 151936, torch.bfloat16, "production vocabulary and width", masked=True),
+        _case(129, 4096, 151936, torch.float32, "production sizes in fp32"),
+    ]
+
+
+def _inputs(N, H, V, extra, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2 / math.sqrt(H))
+    targets = torch.randint(0, V, (N,), generator=g)
+    if extra.get("all_masked"):
+        valid = torch.zeros(N, dtype=torch.bool)
+    elif extra.get("masked"):
+        valid = torch.rand(N, generator=g) < 0.6
+    else:
+        valid = None
+    if valid is not None:
+        # Masked tokens may hold any target; the API passes 0.
+        targets = torch.where(valid, targets, 0)
+    g_logp = torch.randn(N, generator=g, dtype=torch.float64)
+    g_entropy = torch.randn(N, generator=g, dtype=torch.float64)
+    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return [move(t) for t in (hidden, weight, targets, valid, g_logp, g_entropy)]
+
+
+def _strided(x, kind):
+    """The same values with other strides: a transposed copy, or a view into a wider buffer."""
+    if kind == "transposed":
+        return x.T.contiguous().T
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    view = wide[:, ::2] if kind == "every_other" else wide[:, : x.shape[1]]
+    view.copy_(x)
+    return view
+
+
+def _run(fn, inputs, targets, valid, g_logp, g_entropy, temperature):
+    logp, entropy = fn(targets, temperature=temperature, **inputs)
+    if valid is not None:
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    (logp.double() * g_logp + entropy.double() * g_entropy).sum().backward()
+    return [logp, entropy] + [inputs[k].grad for k in sorted(inputs)]
+
+
+def _reference(targets, **kw):
+    return reference_logprobs(targets, **kw)
+
+
+def _ours(valid):
+    return lambda targets, **kw: triton_token_logprobs(targets, return_entropy=True, valid=valid, **kw)
+
+
+def _check_all(out, ref, gt, dtype, names):
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+    for name, o, r, e in zip(names, out, ref, gt):
+        assert torch.isfinite(o).all(), f"{name} has non-finite values"
+        assert_close_to_gt(o, r, e, dtype, name)
+
+
+@pytest.mark.parametrize("N,H,V,dtype,extra", SHAPES)
+def test_hidden_path_matches_reference(N, H, V, dtype, extra):
+    hidden, weight, targets, valid, g_logp, g_entropy = _inputs(N, H, V, extra)
+    temperature = 0.7
+
+    def run(fn, dt, layout=False):
+        def leaf(x, kind):
+            x = x.to(dtype).to(dt)
+            if layout and extra.get("noncontig"):
+                x = _strided(x, kind)
+            return x.requires_grad_()
+
+        inputs = {"hidden": leaf(hidden, "every_other"), "weight": leaf(weight, "transposed")}
+        return _run(fn, inputs, targets, valid, g_logp, g_entropy, temperature)
+
+    gt = run(_reference, torch.float64)
+    ref = run(_reference, dtype)
+    out = run(_ours(valid), dtype, layout=True)
+    assert out[2].dtype == dtype and out[3].dtype == dtype
+    _check_all(out, ref, gt, dtype, ["logp", "entropy", "d_hidden", "d_weight"])
+    if valid is not None:
+        assert (out[0][~valid] == 0).all() and (out[2][~valid] == 0).all()
+
+
+LOGIT_SHAPES = [
+    _case(1, 0, 1, torch.float32, "one token, one-word vocabulary"),
+    _case(63, 0, 97, torch.bfloat16, "odd V, ragged last tile", masked=True),
+    _case(63, 0, 1000, torch.float16, "many vocabulary tiles, padded rows", noncontig="padded_rows"),
+    _case(40, 0, 1000, torch.float32, "column stride 2, masked", noncontig="every_other", masked=True),
+    _case(24, 0, 300, torch.float32, "column-major logits", noncontig="transposed"),
+    _case(17, 0, 97, torch.bfloat16, "every token masked", all_masked=True),
+]
+if CUDA:
+    LOGIT_SHAPES += [_case(200, 0, 151936, torch.bfloat16, "production vocabulary", masked=True)]
+
+
+@pytest.mark.parametrize("N,H,V,dtype,extra", LOGIT_SHAPES)
+def test_logits_path_matches_reference(N, H, V, dtype, extra):
+    hidden, weight, targets, valid, g_logp, g_entropy = _inputs(N, 16, V, extra)
+    logits = hidden[:, :16] @ weight.T
+    temperature = 1.3
+
+    def run(fn, dt, layout=False):
+        x = logits.to(dtype).to(dt)
+        if layout and extra.get("noncontig"):
+            x = _strided(x, extra["noncontig"])
+        return _run(fn, {"logits": x.requires_grad_()}, targets, valid, g_logp, g_entropy, temperature)
+
+    gt = run(_reference, torch.float64)
+    ref = run(_reference, dtype)
+    out = run(_ours(valid), dtype, layout=True)
+    assert out[2].dtype == dtype
+    _check_all(out, ref, gt, dtype, ["logp", "entropy", "d_logits"])
+
+
+@pytest.mark.skipif(not CUDA, reason="the 65,535 grid-axis limit exists only compiled; too slow interpreted")
+def test_logits_path_many_rows():
+    N, V = 140_000, 64
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(N, V, generator=g, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g, device=DEVICE)
+    logp, _ = triton_token_logprobs(targets, logits=logits)
+    logp.sum().backward()
+    ref = torch.log_softmax(logits.detach().double(), -1)
+    assert torch.allclose(logp.double(), ref.gather(1, targets[:, None])[:, 0], atol=1e-5)
+    expected = torch.nn.functional.one_hot(targets, V) - ref.exp()
+    assert torch.allclose(logits.grad.double(), expected, atol=1e-5)
+
+
+def test_masked_tokens_are_skipped_even_when_not_finite():
+    # Masked rows are never read: NaN there cannot reach any output or gradient.
+    hidden, weight, targets, valid, _, _ = _inputs(40, 24, 97, {"masked": True})
+    hidden = hidden.float()
+    hidden[~valid] = float("nan")
+    h = hidden.requires_grad_()
+    w = weight.float().requires_grad_()
+    logp, entropy = triton_token_logprobs(targets, hidden=h, weight=w, return_entropy=True, valid=valid)
+    (logp + entropy).sum().backward()
+    for t in (logp, entropy, h.grad, w.grad):
+        assert torch.isfinite(t).all()
+    assert (logp[~valid] == 0).all() and (entropy[~valid] == 0).all() and (h.grad[~valid] == 0).all()
+
+    logits = torch.randn(40, 97, device=DEVICE)
+    logits[~valid] = float("nan")
+    x = logits.requires_grad_()
+    logp, entropy = triton_token_logprobs(targets, logits=x, return_entropy=True, valid=valid)
+    (logp + entropy).sum().backward()
+    assert torch.isfinite(logp).all() and torch.isfinite(x.grad).all()
+    assert (x.grad[~valid] == 0).all()
+
+
+def test_gradients_only_for_inputs_that_require_them():
+    hidden, weight, targets, _, _, _ = _inputs(20, 24, 97, {})
+    h = hidden.float().requires_grad_()
+    w = weight.float()
+    logp, entropy = triton_token_logprobs(targets, hidden=h, weight=w)
+    assert entropy is None
+    logp.sum().backward()
+    assert h.grad is not None and w.grad is None
+    w.requires_grad_()
+    h2 = hidden.float()
+    logp, _ = triton_token_logprobs(targets, hidden=h2, weight=w)
+    logp.sum().backward()
+    assert w.grad is not None and h2.grad is None
+
+
+def test_shift_invariance_of_logits():
+    # Values with 10 fractional bits, shifted by 512: the shifted fp32 logits are exact.
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(30, 300, generator=g) * 1024).round() / 1024
+    targets = torch.randint(0, 300, (30,), generator=g)
+    results = []
+    for shift in (0.0, 512.0):
+        x = (logits + shift).to(DEVICE).requires_grad_()
+        logp, entropy = triton_token_logprobs(targets.to(DEVICE), logits=x, return_entropy=True)
+        (logp + entropy).sum().backward()
+        results.append((logp, entropy, x.grad))
+    for a, b in zip(*results):
+        # A shift of 512 costs at most a few ulps of 512 in the lse (ulp = 6e-5).
+        assert (a - b).abs().max() < 3e-4
+
+
+def test_deterministic():
+    hidden, weight, targets, valid, g_logp, g_entropy = _inputs(63, 40, 300, {"masked": True})
+    outs = []
+    for _ in range(2):
+        h = hidden.to(torch.bfloat16).requires_grad_()
+        w = weight.to(torch.bfloat16).requires_grad_()
+        logp, entropy = triton_token_logprobs(targets, hidden=h, weight=w, return_entropy=True, valid=valid)
+        (logp * g_logp.float() + entropy * g_entropy.float()).sum().backward()
+        outs.append((logp, entropy, h.grad, w.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def _inplace_logits(N=30, V=97):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(N, V, generator=g).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    return base, targets
+
+
+def test_inplace_backward_matches_out_of_place():
+    base, targets = _inplace_logits()
+    valid = (torch.arange(30) % 3 != 0).to(DEVICE)
+    grads = []
+    for inplace in (False, True):
+        base.grad = None
+        logits = base * 2.0  # a non-leaf, as the lm_head matmul's output is
+        logp, entropy = triton_token_logprobs(
+            targets, logits=logits, return_entropy=True, valid=valid, inplace_backward=inplace, temperature=0.9
+        )
+        (logp * 3 - entropy).sum().backward()
+        grads.append(base.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_inplace_backward_refuses_when_autograd_still_needs_the_logits():
+    base, targets = _inplace_logits()
+    # exp saves its output, the logits: after an in-place backward it must refuse to run.
+    logits = base.exp()
+    logp, _ = triton_token_logprobs(targets, logits=logits, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+    # A leaf's data belongs to the caller: refused up front.
+    with pytest.raises(ValueError, match="leaf"):
+        triton_token_logprobs(targets, logits=base, inplace_backward=True)
+    with pytest.raises(ValueError, match="logits path only"):
+        triton_token_logprobs(targets, hidden=base, weight=base, inplace_backward=True)
+    # Logits changed between forward and backward: the saved-tensor check catches it.
+    logits = base * 1.0
+    logp, _ = triton_token_logprobs(targets, logits=logits, inplace_backward=True)
+    logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
+def test_launchers_reject_bad_inputs():
+    h = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(5, 8, device=DEVICE)
+    t = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        K.hidden_logprob_fwd(h, torch.randn(5, 7, device=DEVICE), t)
+    with pytest.raises(ValueError, match="share one of"):
+        K.hidden_logprob_fwd(h, w.double(), t)
+    with pytest.raises(ValueError, match="targets"):
+        K.hidden_logprob_fwd(h, w, t.int())
+    with pytest.raises(ValueError, match="temperature"):
+        K.logits_logprob_fwd(h, t, temperature=0.0)
+    with pytest.raises(ValueError, match="row_idx"):
+        K.logits_logprob_fwd(h, t, row_idx=t)
+
+
+# Token-level objectives through the fused epilogue, against token_terms on the reference logp.
+FUSED_CONFIGS = {
+    "grpo": softpo.GRPO,
+    "dapo-k3-biascorr": softpo.DAPO.replace(beta=0.05, use_bias_correction_kl=True),
+    "grpo-delta-k1": softpo.GRPO.replace(delta=1.5, beta=0.05, kl_estimator="k1"),
+    "sapo-k2": softpo.SAPO.replace(beta=0.04, kl_estimator="k2"),
+    "cispo-k3": softpo.CISPO.replace(beta=0.05),
+}
+FUSED_CASES = [
+    pytest.param(config, path, dtype, options, id=f"{name}-{path}-{DTYPE_NAMES[dtype]}-{options}")
+    for name, config in FUSED_CONFIGS.items()
+    for path, dtype, options in (("hidden", torch.float32, "old-isw"), ("logits", torch.bfloat16, "onpolicy"))
+]
+
+
+@pytest.mark.parametrize("config,path,dtype,options", FUSED_CASES)
+def test_fused_terms_match_token_terms(config, path, dtype, options):
+    N, H, V = 45, 24, 97
+    hidden, weight, targets, valid, g_terms, g_entropy = _inputs(N, H, V, {"masked": True}, seed=3)
+    g = torch.Generator().manual_seed(4)
+    advantages = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)
+    base_logp = reference_logprobs(targets, hidden=hidden, weight=weight)[0].detach()
+    noise = lambda s: s * torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    old_logp = base_logp + noise(0.3) if "old" in options else None
+    ref_logp = base_logp + noise(0.3)
+    is_weight = torch.rand(N, generator=g, dtype=torch.float64).to(DEVICE) * 2 if "isw" in options else None
+
+    def leaf(x, dt):
+        return x.to(dtype).to(dt).requires_grad_()
+
+    def make_inputs(dt):
+        if path == "hidden":
+            return {"hidden": leaf(hidden, dt), "weight": leaf(weight, dt)}
+        return {"logits": leaf(hidden @ weight.T, dt)}
+
+    def cast(t, dt):
+        return None if t is None else t.to(dt)
+
+    def reference(dt):
+        inputs = make_inputs(dt)
+        logp, entropy = reference_logprobs(targets, **inputs)
+        terms = objectives.token_terms(
+            config, logp, advantages=cast(advantages, logp.dtype), old_logp=cast(old_logp, logp.dtype),
+            ref_logp=cast(ref_logp, logp.dtype), is_weight=cast(is_weight, logp.dtype),
+        )
+        zero = torch.zeros((), dtype=terms.dtype, device=terms.device)
+        terms, entropy = torch.where(valid, terms, zero), torch.where(valid, entropy, zero)
+        (terms.double() * g_terms + entropy.double() * g_entropy).sum().backward()
+        return [terms, entropy] + [inputs[k].grad for k in sorted(inputs)]
+
+    def ours():
+        inputs = make_inputs(dtype)
+        f32 = lambda t: cast(t, torch.float32)  # noqa: E731
+        terms, logp, entropy = triton_fused_token_terms(
+            config, targets, valid, return_entropy=True, advantages=f32(advantages), old_logp=f32(old_logp),
+            ref_logp=f32(ref_logp) if config.beta > 0 else None, is_weight=f32(is_weight), **inputs,
+        )
+        assert not logp.requires_grad and (terms[~valid] == 0).all()
+        (terms.double() * g_terms + entropy.double() * g_entropy).sum().backward()
+        return [terms, entropy] + [inputs[k].grad for k in sorted(inputs)]
+
+    gt = reference(torch.float64)
+    ref = reference(dtype)
+    out = ours()
+    names = ["terms", "entropy"] + [f"d_{k}" for k in sorted(make_inputs(torch.float64))]
+    _check_all(out, ref, gt, dtype, names)
+
+
+def test_fused_rejects_sequence_level_configs():
+    hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
+    adv = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="token-level"):
+        triton_fused_token_terms(softpo.GSPO, targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv)
+    with pytest.raises(ValueError, match="ref_logp"):
+        triton_fused_token_terms(
+            softpo.GRPO.replace(beta=0.1), targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
+        )

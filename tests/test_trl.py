@@ -1,0 +1,332 @@
+"""softpo inside TRL's GRPOTrainer: same loss, gradients and metrics as TRL's own loss on the same batch.
+
+A tiny Qwen2 and a character tokenizer are built in code (nothing is downloaded). One real two-step run
+with `SoftpoGRPOTrainer` captures the batch of its first step; every configuration is then checked on
+that batch by calling both losses directly: gt = TRL's loss on a float64 copy of the model, ref = TRL's
+loss in float32, out = softpo's in float32, for the loss and every parameter's gradient.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Nothing may reach the network: no hub lookups, no telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from softpo.integrations.trl import (  # noqa: E402
+    SoftpoGRPOTrainer,
+    loss_config_from_grpo_config,
+    softpo_trainer,
+)
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
+VOCAB = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+PROMPTS = ["1+2=", "3+4=", "ab ", "xyz", "5+5=", "hi ", "7+1=", "cat "]
+# Tolerance on top of TRL's own float32 error, relative to the float64 value, and absolute.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _tokenizer():
+    tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", padding_side="left")
+
+
+def _reward(completions, **kwargs):
+    # Favours digits, so completions of one group get different rewards and nonzero advantages.
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.1 * len(c) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        eos_token_id=1, pad_token_id=0, bos_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    # Saved so that TRL can build its reference model from the path when beta > 0.
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def _args(output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=2, report_to="none", use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",
+        learning_rate=1e-2, temperature=0.9, seed=0,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def _trainer(cls, model_dir, output_dir, dtype=torch.float32, **overrides):
+    return cls(
+        model=Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype),
+        reward_funcs=_reward,
+        args=_args(output_dir, **overrides),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=_tokenizer(),
+    )
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return dict(zip(names, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)))
+
+
+def _assert_matches(out, ref, gt, what):
+    out, ref, gt = out.double(), ref.double(), gt.double()
+    bound = (ref - gt).abs() + RTOL * gt.abs() + ATOL
+    worst = ((out - gt).abs() - bound).max().item()
+    assert worst <= 0, f"{what}: |out - gt| exceeds |ref - gt| + tol by {worst:.3g}"
+
+
+def _assert_same_loss_and_grads(out_loss, out_grads, ref_loss, ref_grads, gt_loss, gt_grads):
+    _assert_matches(out_loss, ref_loss, gt_loss, "loss")
+    assert out_grads.keys() == ref_grads.keys()
+    for name, gt in gt_grads.items():
+        zero = torch.zeros_like(gt)
+        out, ref = out_grads[name], ref_grads[name]
+        _assert_matches(zero if out is None else out, zero if ref is None else ref, zero if gt is None else gt, name)
+
+
+@pytest.fixture(scope="module")
+def first_step(model_dir, tmp_path_factory):
+    """The real run: two optimizer steps of SoftpoGRPOTrainer; returns what its first step saw."""
+    seen = {}
+
+    class Recording(SoftpoGRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            if not seen:
+                seen["inputs"] = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in inputs.items()}
+                ref_loss = GRPOTrainer._compute_loss(self, model, inputs)
+                seen["ref"] = (ref_loss.detach(), _grads(model, ref_loss))
+                loss = super()._compute_loss(model, inputs)
+                seen["out"] = (loss.detach(), _grads(model, loss))
+                return loss
+            return super()._compute_loss(model, inputs)
+
+    trainer = _trainer(Recording, model_dir, tmp_path_factory.mktemp("run"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    seen["logs"] = trainer.state.log_history
+    seen["moved"] = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    return seen
+
+
+def test_two_step_training_run(first_step):
+    logs = [entry for entry in first_step["logs"] if "loss" in entry]
+    assert len(logs) == 2
+    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert all(name in entry for entry in logs), name
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert first_step["moved"], "two optimizer steps left every parameter unchanged"
+
+
+def test_first_step_matches_trl(first_step, model_dir, tmp_path):
+    inputs = first_step["inputs"]
+    assert bool((inputs["advantages"] != 0).any()), "the captured batch has no learning signal"
+    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path, dtype=torch.float64)
+    gt_trainer.current_gradient_accumulation_steps = 1
+    gt_loss = gt_trainer._compute_loss(gt_trainer.model, inputs)
+    _assert_same_loss_and_grads(*first_step["out"], *first_step["ref"], gt_loss.detach(), _grads(gt_trainer.model, gt_loss))
+
+
+def _perturbed(inputs, trainer, seed):
+    """The captured batch made off-policy: old and reference log-probs away from the current ones, and
+    advantages of both signs, so that clipping, the KL term and every gate branch are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, inputs["completion_ids"].size(1))
+    B, T = logp.shape
+    mask = inputs["completion_mask"].float()
+    inputs["old_per_token_logps"] = (logp + 0.3 * torch.randn(B, T, generator=g)) * mask
+    inputs["ref_per_token_logps"] = (logp + 0.5 * torch.randn(B, T, generator=g)) * mask
+    inputs["advantages"] = torch.randn(B, generator=g)
+    return inputs
+
+
+def _sampler_correction(inputs, mode, cap, seed):
+    """What TRL's generation step adds under vLLM: sampler log-probs (one unscored) and its weight."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(inputs)
+    old, mask = inputs["old_per_token_logps"], inputs["completion_mask"].float()
+    sampled = old + 0.05 * torch.randn(old.shape, generator=g)
+    sampled[0, 0] = float("nan")
+    inputs["sampling_per_token_logps"] = sampled
+    diff = torch.nan_to_num((old - sampled) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    weight = torch.exp(diff)
+    inputs["importance_sampling_ratio"] = weight.clamp(max=cap) if mode.endswith("truncate") else weight.masked_fill(weight > cap, 0.0)
+    return inputs
+
+
+def _case(loss_type, level="token", **overrides):
+    name = "-".join([loss_type, level] + [f"{k}={v}" for k, v in overrides.items()])
+    return pytest.param(dict(loss_type=loss_type, importance_sampling_level=level, **overrides), id=name)
+
+
+CASES = [
+    *[_case(t, level) for t in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo") for level in ("token", "sequence")],
+    _case("grpo", beta=0.04, use_bias_correction_kl=True),  # TRL's default KL: weighted by the ratio
+    _case("grpo", beta=0.04, use_bias_correction_kl=False),
+    _case("dapo", "sequence", beta=0.04, use_bias_correction_kl=True),  # a sequence ratio on a token KL
+    _case("dapo", entropy_coef=0.05),  # the bonus is scaled by accumulation only, the policy term by tokens
+    _case("sapo", entropy_coef=0.05, beta=0.02),
+    _case("grpo", delta=1.3, epsilon_high=0.25),  # INTELLECT-2's two-sided clip
+    _case("cispo", epsilon_high=1.1),  # the cap binds on the perturbed ratios
+    _case("dapo", temperature=0.6, max_completion_length=12),
+    _case("dr_grpo", max_completion_length=16),
+]
+
+
+def _compare(trainer, gt_trainer, inputs):
+    out_loss = trainer._compute_loss(trainer.model, inputs)
+    out_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    ref_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    ref_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    gt_loss = gt_trainer._compute_loss(gt_trainer.model, inputs)
+    _assert_same_loss_and_grads(
+        out_loss.detach(), _grads(trainer.model, out_loss),
+        ref_loss.detach(), _grads(trainer.model, ref_loss),
+        gt_loss.detach(), _grads(gt_trainer.model, gt_loss),
+    )
+    assert out_metrics.keys() == ref_metrics.keys()
+    for name, value in ref_metrics.items():
+        assert out_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def _pair(model_dir, tmp_path, overrides, mode="train"):
+    # Accumulation 2 and 4 steps per generation, so that every normalizer's scaling is visible.
+    overrides = dict(gradient_accumulation_steps=2, steps_per_generation=4, **overrides)
+    trainer = _trainer(SoftpoGRPOTrainer, model_dir, tmp_path / "out", **overrides)
+    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", dtype=torch.float64, **overrides)
+    for t in (trainer, gt_trainer):
+        t.current_gradient_accumulation_steps = 2
+        t.model.train(mode == "train")
+    return trainer, gt_trainer
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_loss_matches_trl(first_step, model_dir, tmp_path, overrides):
+    trainer, gt_trainer = _pair(model_dir, tmp_path, overrides)
+    _compare(trainer, gt_trainer, _perturbed(first_step["inputs"], trainer, seed=1))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_eval_mode_matches_trl(first_step, model_dir, tmp_path, loss_type):
+    # In evaluation TRL neither divides by accumulation nor spreads num_items_in_batch over steps.
+    trainer, gt_trainer = _pair(model_dir, tmp_path, dict(loss_type=loss_type, entropy_coef=0.05), mode="eval")
+    inputs = _perturbed(first_step["inputs"], trainer, seed=2)
+    with torch.no_grad():
+        out = trainer._compute_loss(trainer.model, inputs)
+        ref = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+        gt = gt_trainer._compute_loss(gt_trainer.model, inputs)
+    _assert_matches(out, ref, gt, "eval loss")
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_sampler_correction_matches_trl(first_step, model_dir, tmp_path, mode):
+    # vLLM is not installed here: the trainers are built without it and then told the batch came from it.
+    overrides = dict(loss_type="dapo", vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=1.04)
+    trainer, gt_trainer = _pair(model_dir, tmp_path, overrides)
+    for t in (trainer, gt_trainer):
+        t.use_vllm = t.args.use_vllm = True
+    trainer.softpo_config = loss_config_from_grpo_config(trainer.args)
+    inputs = _sampler_correction(_perturbed(first_step["inputs"], trainer, seed=3), mode, 1.04, seed=4)
+    _compare(trainer, gt_trainer, inputs)
+
+
+def test_loss_forward_never_calls_lm_head(first_step, model_dir, tmp_path):
+    trainer, _ = _pair(model_dir, tmp_path, dict(loss_type="grpo"))
+    calls = []
+    trainer.model.lm_head.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    trainer._compute_loss(trainer.model, _perturbed(first_step["inputs"], trainer, seed=5))
+    assert calls == [], f"the softpo loss forward built logits of shape {calls}"
+
+
+UNSUPPORTED = [
+    pytest.param(dict(loss_type="luspo"), "loss_type", id="luspo"),
+    pytest.param(dict(loss_type="vespo"), "loss_type", id="vespo"),
+    pytest.param(dict(top_entropy_quantile=0.2), "top_entropy_quantile", id="top-entropy"),
+    pytest.param(dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold", id="off-policy-mask"),
+    pytest.param(dict(use_adaptive_entropy=True, entropy_coef=0.01), "use_adaptive_entropy", id="adaptive-entropy"),
+]
+
+
+@pytest.mark.parametrize("overrides, option", UNSUPPORTED)
+def test_unsupported_option_raises_at_construction(model_dir, tmp_path, overrides, option):
+    with pytest.raises(ValueError, match=option):
+        _trainer(SoftpoGRPOTrainer, model_dir, tmp_path, **overrides)
+
+
+def test_unsupported_sampler_bounds_raise():
+    args = dict(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
+        loss_config_from_grpo_config(GRPOConfig(use_vllm=True, vllm_importance_sampling_clip_min=0.5, **args))
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_max"):
+        loss_config_from_grpo_config(
+            GRPOConfig(use_vllm=True, vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_max=None, **args)
+        )
+
+
+def test_softcapped_model_raises(model_dir, tmp_path):
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        SoftpoGRPOTrainer(
+            model=model, reward_funcs=_reward, args=_args(tmp_path),
+            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=_tokenizer(),
+        )
+
+
+class _CustomRewardTrainer(GRPOTrainer):
+    """A user subclass that changes something other than the loss."""
+
+    def _calculate_rewards(self, *args, **kwargs):
+        return super()._calculate_rewards(*args, **kwargs)
+
+
+class _CustomLossTrainer(GRPOTrainer):
+    def _compute_loss(self, model, inputs):
+        return super()._compute_loss(model, inputs) * 2
+
+
+def test_wrap_existing_trainer_class(first_step, model_dir, tmp_path):
+    wrapped = softpo_trainer(_CustomRewardTrainer)
+    assert issubclass(wrapped, _CustomRewardTrainer) and softpo_trainer(_CustomRewardTrainer) is wrapped
+    assert softpo_trainer(GRPOTrainer) is SoftpoGRPOTrainer
+    trainer = _trainer(wrapped, model_dir, tmp_path / "out", loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4)
+    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", dtype=torch.float64, loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4)
+    for t in (trainer, gt_trainer):
+        t.current_gradient_accumulation_steps = 2
+    _compare(trainer, gt_trainer, _perturbed(first_step["inputs"], trainer, seed=6))
+    with pytest.raises(ValueError, match="_compute_loss"):
+        softpo_trainer(_CustomLossTrainer)
+    with pytest.raises(ValueError, match="trainer_class"):
+        softpo_trainer(dict)
+
+
+def test_importing_softpo_does_not_import_trl():
+    code = "import sys, softpo, softpo.integrations; assert 'trl' not in sys.modules, 'trl was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

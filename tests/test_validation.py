@@ -1,0 +1,117 @@
+"""Bad input raises ValueError naming the argument, before any sweep runs."""
+
+import math
+
+import pytest
+import torch
+
+import softpo
+
+B, T, H, V = 2, 3, 4, 7
+
+
+def _inputs():
+    return {
+        "targets": torch.randint(0, V, (B, T)),
+        "mask": torch.ones(B, T, dtype=torch.bool),
+        "advantages": torch.randn(B),
+        "hidden": torch.randn(B, T, H),
+        "weight": torch.randn(V, H),
+    }
+
+
+def _call(config=softpo.GRPO, **changes):
+    kw = _inputs()
+    kw.update(changes)
+    kw = {k: v for k, v in kw.items() if v is not None or k in ("hidden", "weight")}
+    targets, mask, advantages = kw.pop("targets"), kw.pop("mask"), kw.pop("advantages", None)
+    return softpo.policy_loss(config, targets, mask, advantages, **kw)
+
+
+BAD = [
+    pytest.param({"targets": torch.full((B, T), V)}, "targets", id="target-too-large"),
+    pytest.param({"targets": torch.full((B, T), -1)}, "targets", id="target-negative"),
+    pytest.param({"targets": torch.zeros(B, T)}, "targets", id="float-targets"),
+    pytest.param({"mask": torch.ones(B, T + 1)}, "mask", id="mask-shape"),
+    pytest.param({"mask": torch.full((B, T), 2)}, "mask", id="mask-values"),
+    pytest.param({"hidden": torch.randn(B, T, H + 1)}, "hidden", id="hidden-width"),
+    pytest.param({"weight": torch.randn(V, H, dtype=torch.float64)}, "weight", id="dtype-mismatch"),
+    pytest.param({"hidden": None, "weight": None}, "neither", id="neither-input"),
+    pytest.param({"logits": torch.randn(B, T, V)}, "not both", id="both-inputs"),
+    pytest.param({"weight": None}, "weight", id="hidden-without-weight"),
+    pytest.param({"hidden": None}, "hidden", id="weight-without-hidden"),
+    pytest.param({"temperature": 0.0}, "temperature", id="zero-temperature"),
+    pytest.param({"temperature": math.nan}, "temperature", id="nan-temperature"),
+    pytest.param({"advantages": torch.tensor([1.0, math.inf])}, "advantages", id="inf-advantage"),
+    pytest.param({"advantages": torch.randn(B + 1)}, "advantages", id="advantages-shape"),
+    pytest.param({"advantages": None}, "advantages", id="missing-advantages"),
+    pytest.param({"old_logp": torch.full((B, T), math.nan)}, "old_logp", id="nan-old-logp"),
+    pytest.param({"old_logp": torch.randn(B, T + 1)}, "old_logp", id="old-logp-shape"),
+    pytest.param({"ref_logp": torch.full((B, T), -math.inf)}, "ref_logp", id="inf-ref-logp"),
+    pytest.param({"normalizer": 0}, "normalizer", id="zero-normalizer"),
+    pytest.param({"impl": "cuda"}, "impl", id="unknown-impl"),
+]
+
+
+@pytest.mark.parametrize("changes,name", BAD)
+def test_bad_input_names_the_argument(changes, name):
+    with pytest.raises(ValueError, match=name):
+        _call(**changes)
+
+
+def test_nonfinite_values_at_masked_positions_are_ignored():
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2] = False
+    old = torch.zeros(B, T)
+    old[0, 2] = math.nan
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 2] = -100
+    out = _call(targets=targets, mask=mask, old_logp=old)
+    assert bool(torch.isfinite(out.loss))
+
+
+@pytest.mark.parametrize(
+    "config,changes,name",
+    [
+        pytest.param(softpo.GRPO.replace(beta=0.1), {}, "ref_logp", id="kl-without-ref"),
+        pytest.param(softpo.SPO, {"rewards": torch.rand(B), "q0": torch.zeros(B)}, "ref_logp", id="spo-without-ref"),
+        pytest.param(softpo.SPO, {"ref_logp": torch.zeros(B, T), "q0": torch.zeros(B)}, "rewards", id="spo-without-rewards"),
+        pytest.param(softpo.SPO, {"ref_logp": torch.zeros(B, T), "rewards": torch.rand(B)}, "q0", id="spo-without-q0"),
+        pytest.param(softpo.SPO, {"ref_logp": torch.zeros(B, T), "rewards": torch.tensor([0.0, math.nan]), "q0": torch.zeros(B)}, "rewards", id="spo-nan-reward"),
+        pytest.param(softpo.SPO.replace(spo_loss="bce"), {"ref_logp": torch.zeros(B, T), "rewards": torch.tensor([0.0, 2.0]), "q0": torch.zeros(B)}, "rewards", id="bce-reward-range"),
+    ],
+)
+def test_missing_or_bad_objective_inputs(config, changes, name):
+    with pytest.raises(ValueError, match=name):
+        _call(config, **changes)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("epsilon", -0.1), ("epsilon", math.nan), ("epsilon_high", math.inf), ("sapo_temperature_pos", 0.0),
+     ("sapo_temperature_neg", -1.0), ("beta", -0.1), ("beta", math.nan), ("delta", 1.1), ("gate", "hard"),
+     ("loss_aggregation", "mean"), ("vllm_importance_sampling_cap", 0.0), ("importance_sampling_level", "seq"),
+     ("entropy_coef", math.inf), ("max_completion_length", 0), ("kl_estimator", "k4")],
+)
+def test_config_rejects_bad_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        softpo.GRPO.replace(**{field: value})
+
+
+def test_spo_needs_positive_beta_and_cispo_positive_cap():
+    with pytest.raises(ValueError, match="beta"):
+        softpo.SPO.replace(beta=0.0)
+    with pytest.raises(ValueError, match="epsilon_high"):
+        softpo.CISPO.replace(epsilon_high=0.0)
+
+
+def test_token_logprobs_rejects_out_of_range_targets_and_bad_logits():
+    logits = torch.randn(B, T, V)
+    with pytest.raises(ValueError, match="targets"):
+        softpo.token_logprobs(torch.full((B, T), V), logits=logits)
+    with pytest.raises(ValueError, match="logits"):
+        softpo.token_logprobs(torch.zeros(B, T + 1, dtype=torch.long), logits=logits)
+    with pytest.raises(ValueError, match="rewards"):
+        softpo.spo_q0(torch.tensor([1.0, 2.0]), beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        softpo.spo_q0(torch.rand(2, 3), beta=0.0)
