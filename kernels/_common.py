@@ -32,7 +32,7 @@ def _online_lse(m, s, t, z):
     # A row with no finite logit yet keeps a finite reference, so no inf - inf appears.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_ref)
-    shift = 0.0
+    shift = tl.where(s > 0, (m - m_ref) * s, 0.0)
     d = z - m_ref[:, None]
     e = tl.exp(d)
     t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)

@@ -49,6 +49,15 @@ def _reward(completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) + 0.1 * len(c) for c in completions]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The model is tiny: threads only add synchronization, which dominates when the cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)

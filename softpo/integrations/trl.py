@@ -234,7 +234,7 @@ class SoftpoGRPOMixin:
         def loss_fn(outputs, weight):
             # Position t of the backbone output predicts token t + 1: the completion is predicted by the T
             # positions that end one before the sequence does.
-            hidden = outputs.last_hidden_state[:, -T - 1 : -1].to(weight.device)
+            hidden = outputs.last_hidden_state[:, -T:].to(weight.device)
             if cast_head_to_fp32:
                 hidden, weight = hidden.float(), weight.float()
                 context = torch.autocast(hidden.device.type, enabled=False)
