@@ -94,7 +94,7 @@ def _token_terms(
     if KL != 0:
         kl, dkl = _kl_estimate(logp, ref, KL)
         if KL_RATIO:
-            dkl = dkl * r
+            dkl = (dkl + kl) * r
             kl = kl * r
         value = value + beta * kl
         coef = coef + beta * dkl

@@ -226,7 +226,7 @@ class SoftpoGRPOMixin:
         if self.use_vllm and self.vllm_importance_sampling_correction:
             sampled = inputs["sampling_per_token_logps"]
             # TRL gives tokens the sampler could not score a correction weight of exactly 1.
-            rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
+            rollout_logp = torch.nan_to_num(sampled)
         temperature = self.temperature / self._softpo_logit_scale
         normalizer = self._normalizer(inputs, mode)
         cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
@@ -234,7 +234,7 @@ class SoftpoGRPOMixin:
         def loss_fn(outputs, weight):
             # Position t of the backbone output predicts token t + 1: the completion is predicted by the T
             # positions that end one before the sequence does.
-            hidden = outputs.last_hidden_state[:, -T:].to(weight.device)
+            hidden = outputs.last_hidden_state[:, -T - 1 : -1].to(weight.device)
             if cast_head_to_fp32:
                 hidden, weight = hidden.float(), weight.float()
                 context = torch.autocast(hidden.device.type, enabled=False)
