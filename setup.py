@@ -19,9 +19,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.0", "accelerate", "datasets"],
-        "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.0", "matplotlib"],
-        "trl": ["trl>=1.0", "accelerate", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
+        "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib"],
+        "trl": ["trl>=1.16", "accelerate", "datasets"],
     },
     entry_points={"console_scripts": ["softpo=softpo.cli:main"]},
 )

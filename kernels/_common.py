@@ -83,7 +83,7 @@ def launch(kernel, tuned_cache: dict, configs, interpret_config, grid, V: int, H
     if interpreting():
         config = interpret_config
     elif autotuning():
-        cache_key = (kernel, repr(sorted(autotune_kwargs.items())))
+        cache_key = (kernel, id(configs), repr(sorted(autotune_kwargs.items())))
         if cache_key not in tuned_cache:
             tuned_cache[cache_key] = triton.autotune(
                 configs=[c for _, _, c in configs], key=key, **autotune_kwargs

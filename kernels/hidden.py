@@ -4,6 +4,7 @@ Logits tiles [BLOCK_N, BLOCK_V] are computed in-kernel (tl.dot over H chunks, fp
 and folded into an online log-sum-exp; no N x V tensor exists in either pass. The backward
 recomputes the tiles from the saved lse and runs two kernels, one owning rows of d hidden and one
 owning rows of d weight, so every sum has a fixed order and results are bitwise reproducible.
+Offsets are int64 throughout: V * H and N * V pass 2**31 at production sizes.
 """
 
 from __future__ import annotations
@@ -15,27 +16,41 @@ import triton.language as tl
 from ._common import DOT_DTYPES, _finish_lse, _online_lse, _row_block, interpreting, launch
 from .terms import _terms_epilogue, terms_kwargs
 
-# (max V, max H, config). Tiles are keyed on the problem's V and H, never on the token count.
+# Rows (max V, max H, config): the first row that admits the problem is the default, and all rows
+# form the SOFTPO_AUTOTUNE sweep. Tiles are keyed on V, H and dtype, never on the token count.
+# Chosen so that ptxas (sm_90) reports no register spills; speeds are not yet measured.
+_C = triton.Config
+_SMALL = _C({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2)
 _FWD_CONFIGS = [
-    (1 << 62, 64, triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 32}, num_warps=8, num_stages=4)),
+    (4096, 256, _SMALL),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
 ]
-# d hidden re-reads and re-writes its fp32 rows once per vocabulary tile: a wide BLOCK_V amortizes it.
+# d hidden re-reads and re-writes its fp32 rows once per vocabulary tile: FLOPs per byte of that
+# traffic are BLOCK_V / 2, so a wide BLOCK_V pays, as far as registers allow.
 _DH_CONFIGS = [
-    (1 << 62, 64, triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
+    (4096, 256, _SMALL),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
 ]
-# d weight likewise per token tile: a wide BLOCK_N amortizes its read-modify-write.
+# d weight likewise per token tile: BLOCK_N / 2 FLOPs per byte.
 _DW_CONFIGS = [
-    (1 << 62, 64, triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=4, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 256, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
-    (1 << 62, 1 << 62, triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3)),
+    (4096, 256, _SMALL),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 256, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3)),
+]
+# fp32 operands (tf32x3: three tensor-core products) need more registers: narrower tiles.
+_FP32_CONFIGS = [
+    (4096, 256, _SMALL),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=8, num_stages=2)),
+    (1 << 62, 1 << 62, _C({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2)),
 ]
 # Small tiles under the interpreter so that odd shapes still cross several tiles.
-_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=1)
+_INTERPRET_CONFIG = _C({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=1)
 _TUNED: dict = {}
 
 
@@ -57,7 +72,7 @@ def _logits_tile(
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     col_in = cols < V
     for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
+        ks = k0 + tl.arange(0, BLOCK_H).to(tl.int64)
         k_in = ks < H
         h = tl.load(
             hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
@@ -107,7 +122,7 @@ def _hidden_fwd_kernel(
     # Blocks made only of masked tokens run no vocabulary tile at all.
     v_stop = tl.where(start < n_valid, V, 0)
     for v0 in range(0, v_stop, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _logits_tile(
             hidden_ptr, weight_ptr, rows, active, cols, H, stride_hn, stride_hh, stride_wv, stride_wh,
             inv_temperature, V, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
@@ -150,7 +165,7 @@ def _hidden_bwd_dh_kernel(
         g_ent = tl.load(g_ent_ptr + rows, mask=active, other=0.0)
     v_stop = tl.where(start < n_valid, V, 0)
     for v0 in range(0, v_stop, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _logits_tile(
             hidden_ptr, weight_ptr, rows, active, cols, H, stride_hn, stride_hh, stride_wv, stride_wh,
             inv_temperature, V, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
@@ -159,7 +174,7 @@ def _hidden_bwd_dh_kernel(
         grad = grad.to(weight_ptr.dtype.element_ty)
         col_in = cols < V
         for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
+            ks = k0 + tl.arange(0, BLOCK_H).to(tl.int64)
             k_in = ks < H
             w = tl.load(
                 weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
@@ -207,7 +222,7 @@ def _hidden_bwd_dw_kernel(
         grad = _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD)
         grad_t = tl.trans(grad.to(hidden_ptr.dtype.element_ty))
         for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
+            ks = k0 + tl.arange(0, BLOCK_H).to(tl.int64)
             k_in = ks < H
             h = tl.load(
                 hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
@@ -249,8 +264,13 @@ def _check_common(hidden, weight, targets, row_idx, n_valid):
 def _dot_precision(dtype):
     if dtype == torch.bfloat16 and interpreting():
         return "upcast"
-    # fp32 inputs are meant to give fp32 results: TF32 would lose ~3 decimal digits.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs are meant to give fp32 results: plain TF32 would lose ~3 decimal digits, three
+    # TF32 products recover them on tensor cores.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _configs(configs, dtype):
+    return _FP32_CONFIGS if dtype == torch.float32 else configs
 
 
 def hidden_logprob_fwd(hidden, weight, targets, *, temperature=1.0, row_idx=None, n_valid=None,
@@ -283,7 +303,7 @@ def hidden_logprob_fwd(hidden, weight, targets, *, temperature=1.0, row_idx=None
         **term_kwargs,
     )
     launch(
-        _hidden_fwd_kernel, _TUNED, _FWD_CONFIGS, _INTERPRET_CONFIG,
+        _hidden_fwd_kernel, _TUNED, _configs(_FWD_CONFIGS, hidden.dtype), _INTERPRET_CONFIG,
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, H, kwargs, key=["V", "H"],
     )
     return logp, lse, entropy, term, coef
@@ -316,7 +336,7 @@ def hidden_logprob_bwd_dh(hidden, weight, targets, lse, g_logp, *, entropy=None,
         return dh
     kwargs = _bwd_kwargs(hidden, weight, targets, row_idx, n_valid, lse, entropy, g_logp, g_entropy, temperature, N, V, H)
     launch(
-        _hidden_bwd_dh_kernel, _TUNED, _DH_CONFIGS, _INTERPRET_CONFIG,
+        _hidden_bwd_dh_kernel, _TUNED, _configs(_DH_CONFIGS, hidden.dtype), _INTERPRET_CONFIG,
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, H, dict(kwargs, dh_ptr=dh, stride_dn=dh.stride(0)),
         key=["V", "H"], reset_to_zero=["dh_ptr"],
     )
@@ -332,7 +352,7 @@ def hidden_logprob_bwd_dw(hidden, weight, targets, lse, g_logp, *, entropy=None,
         return dw
     kwargs = _bwd_kwargs(hidden, weight, targets, row_idx, n_valid, lse, entropy, g_logp, g_entropy, temperature, N, V, H)
     launch(
-        _hidden_bwd_dw_kernel, _TUNED, _DW_CONFIGS, _INTERPRET_CONFIG,
+        _hidden_bwd_dw_kernel, _TUNED, _configs(_DW_CONFIGS, hidden.dtype), _INTERPRET_CONFIG,
         lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),), V, H, dict(kwargs, dw_ptr=dw, stride_dv=dw.stride(0)),
         key=["V", "H"], reset_to_zero=["dw_ptr"],
     )

@@ -60,7 +60,7 @@ def _logits_fwd_kernel(
     z_target = tl.zeros((BLOCK_N,), tl.float32)
     v_stop = tl.where(start < n_valid, V, 0)
     for v0 in range(0, v_stop, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
         m, s, t = _online_lse(m, s, t, z)
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
@@ -99,7 +99,7 @@ def _logits_bwd_kernel(
         g_ent = tl.load(g_ent_ptr + rows, mask=active, other=0.0)
     # Masked rows are swept too: their gradient is written as zeros (the output is never pre-zeroed).
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
         grad = _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD)
         grad = tl.where(active[:, None], grad, 0.0)

@@ -32,17 +32,19 @@ def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
         du = r
     a = u * adv
     b = c * adv
-    # torch.minimum splits the gradient evenly between equal arguments.
-    d = tl.where(a < b, du, tl.where(b < a, dc, 0.5 * (du + dc)))
-    return -tl.minimum(a, b), -adv * d
+    # Ties (torch.minimum splits their gradient evenly) need A = 0 or u = c inside the clip range,
+    # where du = dc: taking dc for them is exact.
+    return -tl.minimum(a, b), -adv * tl.where(a < b, du, dc)
 
 
 @triton.jit
 def _soft_gate(r, adv, tau_pos, tau_neg):
     """-sigmoid(tau (r - 1)) 4 / tau A, tau chosen by the sign of A."""
     tau = tl.where(adv > 0, tau_pos, tau_neg)
-    s = tl.sigmoid(tau * (r - 1.0))
-    return -s * (4.0 / tau) * adv, -4.0 * s * (1.0 - s) * r * adv
+    x = tau * (r - 1.0)
+    s = tl.sigmoid(x)
+    # sigmoid(-x) rather than 1 - s, which loses all precision once the gate saturates.
+    return -s * (4.0 / tau) * adv, -4.0 * s * tl.sigmoid(-x) * r * adv
 
 
 @triton.jit

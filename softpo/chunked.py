@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-# A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 64 MiB; a few live temporaries of that size
-# bound the extra memory whatever N and V are.
-TOKEN_CHUNK = 4096
+# A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 16 MiB: small enough that the allocator reuses
+# it from chunk to chunk instead of mapping fresh pages each time (glibc maps blocks above 32 MiB),
+# large enough that each matmul runs at full speed. Extra memory is a few tiles, whatever N and V are.
+TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
 
 
@@ -31,31 +32,108 @@ class SweepArgs:
     vocab_chunk: int = VOCAB_CHUNK
 
 
-def _online_update(z, running_max, running_sum, running_pz, track_pz):
-    """Fold one [n, v] tile of scaled logits into the running max / sum exp / sum exp * z."""
-    new_max = torch.maximum(running_max, z.amax(dim=-1))
-    rescale = torch.exp(running_max - new_max)
-    e = torch.exp(z - new_max.unsqueeze(-1))
-    running_sum = running_sum * rescale + e.sum(-1)
-    if track_pz:
-        running_pz = running_pz * rescale + (e * z).sum(-1)
-    return new_max, running_sum, running_pz
+class OnlineLogSumExp:
+    """Running max, sum of exp and (optionally) sum of exp * z over vocabulary tiles, per row.
+
+    The one place where tiles are folded into a log-sum-exp; both input paths use it.
+    """
+
+    def __init__(self, n: int, like: torch.Tensor, track_entropy: bool):
+        self.max = like.new_full((n,), float("-inf"))
+        self.sum = like.new_zeros(n)
+        self.sum_pz = like.new_zeros(n) if track_entropy else None
+
+    def update(self, z: torch.Tensor) -> None:
+        """Fold in one [n, v] tile of scaled logits. The tile is overwritten."""
+        new_max = torch.maximum(self.max, z.amax(dim=-1))
+        rescale = torch.exp(self.max - new_max)
+        z.sub_(new_max.unsqueeze(-1))
+        if self.sum_pz is None:
+            self.sum = self.sum * rescale + z.exp_().sum(-1)
+        else:
+            e = torch.exp(z)
+            tile_sum = e.sum(-1)
+            # sum e^(z - m) z = sum e^(z - m) (z - m) + m sum e^(z - m), without another tile.
+            tile_pz = e.mul_(z).sum(-1) + new_max * tile_sum
+            self.sum = self.sum * rescale + tile_sum
+            self.sum_pz = self.sum_pz * rescale + tile_pz
+        self.max = new_max
+
+    def lse(self) -> torch.Tensor:
+        return self.max + torch.log(self.sum)
+
+    def entropy(self, lse: torch.Tensor) -> torch.Tensor:
+        return lse - self.sum_pz / self.sum
 
 
-def _tile_grad(z, lse, entropy, rows_targets, col_offset, g_logp, g_entropy, temperature):
-    """d loss / d raw logits for one tile, given upstream grads of logp and entropy per token."""
-    log_p = z - lse.unsqueeze(-1)
-    p = torch.exp(log_p)
-    grad = -p * g_logp.unsqueeze(-1)
-    local = rows_targets - col_offset
+def _pick_targets(z, targets, col_offset, picked):
+    """Write z[i, targets[i] - col_offset] into picked[i] for rows whose target lies in this tile."""
+    local = targets - col_offset
     inside = (local >= 0) & (local < z.shape[1])
-    if inside.any():
-        rows = inside.nonzero().squeeze(-1)
-        grad[rows, local[rows]] += g_logp[rows]
-    if g_entropy is not None:
-        # dH/dz_v = -p_v (log p_v + H)
-        grad -= p * (log_p + entropy.unsqueeze(-1)) * g_entropy.unsqueeze(-1)
-    return grad / temperature
+    tile_pick = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return torch.where(inside, tile_pick, picked)
+
+
+def _tile_grad_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
+    """Turn a tile of scaled logits, in place, into d loss / d z for that tile.
+
+    d logp / d z_v = 1[v = y] - p_v and d H / d z_v = -p_v (log p_v + H).
+    """
+    log_p = z.sub_(lse.unsqueeze(-1))
+    if g_entropy is None:
+        grad = log_p.exp_().mul_(-g_logp.unsqueeze(-1))
+    else:
+        p = torch.exp(log_p)
+        weighted = log_p.add_(entropy.unsqueeze(-1)).mul_(g_entropy.unsqueeze(-1)).add_(g_logp.unsqueeze(-1))
+        grad = weighted.mul_(p).neg_()
+    local = targets - col_offset
+    inside = (local >= 0) & (local < grad.shape[1])
+    rows = inside.nonzero().squeeze(-1)
+    grad[rows, local[rows]] += g_logp[rows]
+    return grad
+
+
+def _forward_sweep(valid_rows, targets, V, N, acc, args, tiles_for):
+    """The forward sweep shared by both inputs. `tiles_for(rows)` returns a function of (v0, v1)
+    giving that token chunk's [n, v1 - v0] tile of logits / temperature in `acc`."""
+    device = targets.device
+    logp = torch.zeros(N, dtype=acc, device=device)
+    entropy = torch.zeros(N, dtype=acc, device=device) if args.return_entropy else None
+    lse_all = torch.zeros(N, dtype=acc, device=device)
+    for start in range(0, valid_rows.numel(), args.token_chunk):
+        rows = valid_rows[start : start + args.token_chunk]
+        t = targets[rows]
+        tile = tiles_for(rows)
+        state = OnlineLogSumExp(rows.numel(), lse_all, args.return_entropy)
+        target_logit = torch.zeros(rows.numel(), dtype=acc, device=device)
+        for v0 in range(0, V, args.vocab_chunk):
+            z = tile(v0, min(v0 + args.vocab_chunk, V))
+            target_logit = _pick_targets(z, t, v0, target_logit)
+            state.update(z)
+        lse = state.lse()
+        lse_all[rows] = lse
+        logp[rows] = target_logit - lse
+        if entropy is not None:
+            entropy[rows] = state.entropy(lse)
+    return logp, entropy, lse_all
+
+
+def _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume):
+    """Recompute each tile, turn it into d loss / d (logits / temperature) and hand it to
+    `consume(rows, v0, v1, grad)`."""
+    acc = lse_all.dtype
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse_all)
+    for start in range(0, valid_rows.numel(), args.token_chunk):
+        rows = valid_rows[start : start + args.token_chunk]
+        t = targets[rows]
+        gl = g_logp[rows].to(acc)
+        ge = g_entropy[rows].to(acc) if g_entropy is not None else None
+        ent = entropy_all[rows] if ge is not None else None
+        tile = tiles_for(rows)
+        for v0 in range(0, V, args.vocab_chunk):
+            v1 = min(v0 + args.vocab_chunk, V)
+            consume(rows, v0, v1, _tile_grad_(tile(v0, v1), lse_all[rows], ent, t, v0, gl, ge))
 
 
 class ChunkedHiddenLogprob(torch.autograd.Function):
@@ -63,40 +141,14 @@ class ChunkedHiddenLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, valid_rows, args: SweepArgs):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        N = hidden.shape[0]
-        V = weight.shape[0]
         acc = accumulation_dtype(hidden.dtype)
-        logp = hidden.new_zeros(N, dtype=acc)
-        entropy = hidden.new_zeros(N, dtype=acc) if args.return_entropy else None
-        lse_all = hidden.new_zeros(N, dtype=acc)
-        for start in range(0, valid_rows.numel(), args.token_chunk):
-            rows = valid_rows[start : start + args.token_chunk]
-            h = hidden[rows].to(acc)
-            t = targets[rows]
-            n = rows.numel()
-            running_max = h.new_full((n,), float("-inf"))
-            running_sum = h.new_zeros(n)
-            running_pz = h.new_zeros(n)
-            target_logit = h.new_zeros(n)
-            for v0 in range(0, V, args.vocab_chunk):
-                z = (h @ weight[v0 : v0 + args.vocab_chunk].to(acc).T) / args.temperature
-                running_max, running_sum, running_pz = _online_update(
-                    z, running_max, running_sum, running_pz, args.return_entropy
-                )
-                local = t - v0
-                inside = (local >= 0) & (local < z.shape[1])
-                picked = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
-                target_logit = torch.where(inside, picked, target_logit)
-            lse = running_max + torch.log(running_sum)
-            lse_all[rows] = lse
-            logp[rows] = target_logit - lse
-            if entropy is not None:
-                entropy[rows] = lse - running_pz / running_sum
+        tiles_for = _hidden_tiles(hidden, weight, acc, args.temperature)
+        logp, entropy, lse_all = _forward_sweep(
+            valid_rows, targets, weight.shape[0], hidden.shape[0], acc, args, tiles_for
+        )
         ctx.save_for_backward(hidden, weight, targets, valid_rows, lse_all, entropy if entropy is not None else lse_all)
         ctx.args = args
-        if entropy is None:
-            return logp
-        return logp, entropy
+        return logp if entropy is None else (logp, entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
@@ -104,30 +156,29 @@ class ChunkedHiddenLogprob(torch.autograd.Function):
         args: SweepArgs = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = lse_all.dtype
+        inv_temperature = 1.0 / args.temperature
         d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse_all)
         V = weight.shape[0]
-        for start in range(0, valid_rows.numel(), args.token_chunk):
-            rows = valid_rows[start : start + args.token_chunk]
-            h = hidden[rows].to(acc)
-            t = targets[rows]
-            lse = lse_all[rows]
-            gl = g_logp[rows].to(acc)
-            ge = g_entropy[rows].to(acc) if g_entropy is not None else None
-            ent = entropy_all[rows] if ge is not None else None
-            dh = torch.zeros_like(h) if need_hidden else None
-            for v0 in range(0, V, args.vocab_chunk):
-                w = weight[v0 : v0 + args.vocab_chunk].to(acc)
-                z = (h @ w.T) / args.temperature
-                grad = _tile_grad(z, lse, ent, t, v0, gl, ge, args.temperature)
-                if need_hidden:
-                    dh += grad @ w
-                if need_weight:
-                    d_weight[v0 : v0 + args.vocab_chunk] += grad.T @ h
+        state = {}
+
+        def tiles_for(rows):
+            state["h"] = hidden[rows].to(acc) * inv_temperature
+            state["dh"] = torch.zeros_like(state["h"]) if need_hidden else None
+            return lambda v0, v1: state["h"] @ weight[v0:v1].to(acc).T
+
+        def consume(rows, v0, v1, grad):
+            w = weight[v0:v1].to(acc)
             if need_hidden:
-                d_hidden[rows] = dh
+                state["dh"].addmm_(grad, w)
+                if v1 == V:  # the chunk's last tile: its hidden gradient is complete
+                    d_hidden[rows] = state["dh"] * inv_temperature
+            if need_weight:
+                # h already carries 1 / temperature, the chain-rule factor of z = h w^T / T.
+                d_weight[v0:v1].addmm_(grad.T, state["h"])
+
+        _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args,
+                        tiles_for, consume)
         return (
             d_hidden.to(hidden.dtype) if need_hidden else None,
             d_weight.to(weight.dtype) if need_weight else None,
@@ -137,43 +188,46 @@ class ChunkedHiddenLogprob(torch.autograd.Function):
         )
 
 
+def _hidden_tiles(hidden, weight, acc, temperature):
+    def tiles_for(rows):
+        # Scaling the [n, H] hidden chunk instead of each [n, v] tile applies the temperature once.
+        h = hidden[rows].to(acc) * (1.0 / temperature)
+        return lambda v0, v1: h @ weight[v0:v1].to(acc).T
+
+    return tiles_for
+
+
+def _logits_tiles(logits, acc, temperature):
+    def tiles_for(rows):
+        return lambda v0, v1: logits[rows, v0:v1].to(acc) / temperature
+
+    return tiles_for
+
+
 class ChunkedLogitsLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, valid_rows, args: SweepArgs):
         ctx.set_materialize_grads(False)
-        N = logits.shape[0]
         acc = accumulation_dtype(logits.dtype)
-        logp = logits.new_zeros(N, dtype=acc)
-        entropy = logits.new_zeros(N, dtype=acc) if args.return_entropy else None
-        lse_all = logits.new_zeros(N, dtype=acc)
-        for start in range(0, valid_rows.numel(), args.token_chunk):
-            rows = valid_rows[start : start + args.token_chunk]
-            z = logits[rows].to(acc) / args.temperature
-            lse = torch.logsumexp(z, dim=-1)
-            lse_all[rows] = lse
-            logp[rows] = z.gather(1, targets[rows].unsqueeze(1)).squeeze(1) - lse
-            if entropy is not None:
-                entropy[rows] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        logp, entropy, lse_all = _forward_sweep(
+            valid_rows, targets, logits.shape[1], logits.shape[0], acc, args,
+            _logits_tiles(logits, acc, args.temperature),
+        )
         ctx.save_for_backward(logits, targets, valid_rows, lse_all, entropy if entropy is not None else lse_all)
         ctx.args = args
-        if entropy is None:
-            return logp
-        return logp, entropy
+        return logp if entropy is None else (logp, entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
         logits, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
         args: SweepArgs = ctx.args
         d_logits = torch.zeros_like(logits)
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse_all)
-        for start in range(0, valid_rows.numel(), args.token_chunk):
-            rows = valid_rows[start : start + args.token_chunk]
-            z = logits[rows].to(lse_all.dtype) / args.temperature
-            ge = g_entropy[rows].to(lse_all.dtype) if g_entropy is not None else None
-            ent = entropy_all[rows] if ge is not None else None
-            grad = _tile_grad(z, lse_all[rows], ent, targets[rows], 0, g_logp[rows].to(lse_all.dtype), ge, args.temperature)
-            d_logits[rows] = grad.to(logits.dtype)
+
+        def consume(rows, v0, v1, grad):
+            d_logits[rows, v0:v1] = grad.div_(args.temperature).to(logits.dtype)
+
+        _backward_sweep(valid_rows, targets, logits.shape[1], lse_all, entropy_all, g_logp, g_entropy, args,
+                        _logits_tiles(logits, lse_all.dtype, args.temperature), consume)
         return d_logits, None, None, None
 
 

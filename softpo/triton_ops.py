@@ -10,16 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import kernels as K
 from .config import LossConfig
 
 
 @dataclass(frozen=True)
-class SweepSettings:
+class Sweep:
+    """Everything a sweep needs besides the differentiable inputs.
+
+    targets int64 [N]; row_idx / n_valid: the valid-first token order (None: all valid); terms:
+    the epilogue's per-token inputs and settings (None: log-prob mode).
+    """
+
+    targets: torch.Tensor
+    row_idx: torch.Tensor | None
+    n_valid: torch.Tensor | None
     temperature: float
     return_entropy: bool
     inplace_backward: bool = False
+    terms: K.TermsArgs | None = None
 
 
 def _row_order(valid: torch.Tensor | None):
@@ -44,29 +55,30 @@ class HiddenLogprobFunction(torch.autograd.Function):
     """(out, entropy, logp) from hidden [N, H] and weight [V, H]; out is logp, or the terms when fused."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_idx, n_valid, settings: SweepSettings, terms):
+    def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
         logp, lse, entropy, term, coef = K.hidden_logprob_fwd(
-            hidden, weight, targets, temperature=settings.temperature, row_idx=row_idx, n_valid=n_valid,
-            return_entropy=settings.return_entropy, terms=terms,
+            hidden, weight, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx,
+            n_valid=sweep.n_valid, return_entropy=sweep.return_entropy, terms=sweep.terms,
         )
-        ctx.save_for_backward(hidden, weight, targets, row_idx, n_valid, lse, entropy, coef)
-        ctx.settings = settings
+        ctx.save_for_backward(hidden, weight, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
+        ctx.temperature = sweep.temperature
         if term is None:
             return logp, entropy, None
         ctx.mark_non_differentiable(logp)
         return term, entropy, logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out, g_entropy, _g_logp):
         hidden, weight, targets, row_idx, n_valid, lse, entropy, coef = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         if (g_out is None and g_entropy is None) or not (need_hidden or need_weight):
-            return None, None, None, None, None, None, None
+            return None, None, None
         sweep = dict(
             entropy=entropy, g_entropy=None if g_entropy is None else g_entropy.float().contiguous(),
-            temperature=ctx.settings.temperature, row_idx=row_idx, n_valid=n_valid,
+            temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid,
         )
         g_logp = _grad_logp(g_out, coef, lse)
         d_hidden = d_weight = None
@@ -74,44 +86,46 @@ class HiddenLogprobFunction(torch.autograd.Function):
             d_hidden = K.hidden_logprob_bwd_dh(hidden, weight, targets, lse, g_logp, **sweep).to(hidden.dtype)
         if need_weight:
             d_weight = K.hidden_logprob_bwd_dw(hidden, weight, targets, lse, g_logp, **sweep).to(weight.dtype)
-        return d_hidden, d_weight, None, None, None, None, None
+        return d_hidden, d_weight, None
 
 
 class LogitsLogprobFunction(torch.autograd.Function):
     """(out, entropy, logp) from logits [N, V]; out is logp, or the terms when fused."""
 
     @staticmethod
-    def forward(ctx, logits, targets, row_idx, n_valid, settings: SweepSettings, terms):
+    def forward(ctx, logits, sweep: Sweep):
         ctx.set_materialize_grads(False)
         logp, lse, entropy, term, coef = K.logits_logprob_fwd(
-            logits, targets, temperature=settings.temperature, row_idx=row_idx, n_valid=n_valid,
-            return_entropy=settings.return_entropy, terms=terms,
+            logits, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
+            return_entropy=sweep.return_entropy, terms=sweep.terms,
         )
-        ctx.save_for_backward(logits, targets, row_idx, n_valid, lse, entropy, coef)
-        ctx.settings = settings
+        ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
+        ctx.temperature = sweep.temperature
+        ctx.inplace = sweep.inplace_backward
         if term is None:
             return logp, entropy, None
         ctx.mark_non_differentiable(logp)
         return term, entropy, logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out, g_entropy, _g_logp):
         # Unpacking checks the version counter: logits modified since the forward raise here.
         logits, targets, row_idx, n_valid, lse, entropy, coef = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_out is None and g_entropy is None):
-            return None, None, None, None, None, None
-        inplace = ctx.settings.inplace_backward
+            return None, None
+        inplace = ctx.inplace
         d_logits = K.logits_logprob_bwd(
             logits, targets, lse, _grad_logp(g_out, coef, lse),
             entropy=entropy, g_entropy=None if g_entropy is None else g_entropy.float().contiguous(),
-            temperature=ctx.settings.temperature, row_idx=row_idx, n_valid=n_valid,
+            temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid,
             out=logits if inplace else None,
         )
         if inplace:
             # The logits now hold their gradient. Any other node that saved them (or a view of their
             # storage) sees a newer version and refuses to run rather than read gradients as logits.
             torch.autograd.graph.increment_version(logits)
-        return d_logits, None, None, None, None, None
+        return d_logits, None
 
 
 def _check_inplace(logits: torch.Tensor):
@@ -133,18 +147,19 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if valid is not None and (valid.dtype != torch.bool or valid.shape != targets.shape):
         raise ValueError(f"valid must be bool with targets' shape {tuple(targets.shape)}, got {valid.dtype} {tuple(valid.shape)}")
-    targets = targets.contiguous()
     row_idx, n_valid = _row_order(valid)
-    settings = SweepSettings(float(temperature), bool(return_entropy), bool(inplace_backward))
+    sweep = Sweep(
+        targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms
+    )
     if logits is not None:
         if inplace_backward:
             _check_inplace(logits)
-        return LogitsLogprobFunction.apply(logits, targets, row_idx, n_valid, settings, terms)
+        return LogitsLogprobFunction.apply(logits, sweep)
     if hidden is None or weight is None:
         raise ValueError("hidden and weight must be given together")
     if inplace_backward:
         raise ValueError("inplace_backward applies to the logits path only")
-    return HiddenLogprobFunction.apply(hidden, weight, targets, row_idx, n_valid, settings, terms)
+    return HiddenLogprobFunction.apply(hidden, weight, sweep)
 
 
 def triton_token_logprobs(

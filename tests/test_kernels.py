@@ -5,6 +5,10 @@ same tests run compiled, plus production-sized shapes.
 """
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from softpo import kernels as K
 from softpo import objectives
 from softpo.triton_ops import triton_fused_token_terms, triton_token_logprobs
 
-from reference import TOLERANCE, assert_close_to_gt, reference_logprobs
+from reference import all_configs, assert_close_to_gt, loss_kwargs, reference_logprobs, reference_policy_loss
 
 pytestmark = [
     pytest.mark.usefixtures("poison_empty"),
@@ -34,6 +38,7 @@ def _case(N, H, V, dtype, why, **extra):
 
 SHAPES = [
     _case(1, 16, 1, torch.float32, "one token, one-word vocabulary: logp is exactly 0"),
+    _case(1, 8, 1000, torch.bfloat16, "one token, H below one tile"),
     _case(63, 40, 97, torch.bfloat16, "odd H and V, ragged last tiles both ways", masked=True),
     _case(63, 64, 1000, torch.float16, "many vocabulary tiles", masked=True),
     _case(33, 40, 1000, torch.float32, "strided hidden and transposed weight", noncontig=True, masked=True),
@@ -42,7 +47,7 @@ SHAPES = [
 if CUDA:
     SHAPES += [
         _case(300, 4096, 151936, torch.bfloat16, "production vocabulary and width", masked=True),
-        _case(129, 4096, 151936, torch.float32, "production sizes in fp32"),
+        _case(129, 4096, 32003, torch.float32, "production width, odd vocabulary, fp32 (tf32x3 dots)"),
     ]
 
 
@@ -191,6 +196,30 @@ def test_masked_tokens_are_skipped_even_when_not_finite():
     assert (x.grad[~valid] == 0).all()
 
 
+def test_logits_with_minus_inf_columns():
+    # Vocabulary masking writes -inf into logits; the first 70 columns span a whole interpreter tile.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 200, generator=g, dtype=torch.float64)
+    logits[:, :70] = float("-inf")
+    logits[:, 150:160] = float("-inf")
+    targets = torch.randint(70, 150, (9,), generator=g)
+    x = logits.float().to(DEVICE).requires_grad_()
+    logp, entropy = triton_token_logprobs(targets.to(DEVICE), logits=x, return_entropy=True)
+    (2 * logp + entropy).sum().backward()
+    # The float64 reference sees only the finite columns (torch's own -inf gradient is NaN).
+    keep = torch.isfinite(logits[0])
+    gt_x = logits[:, keep].to(DEVICE).requires_grad_()
+    log_p = torch.log_softmax(gt_x, -1)
+    gt_entropy = -(log_p.exp() * log_p).sum(-1)
+    gt_logp = log_p.gather(1, (keep.cumsum(0) - 1)[targets].to(DEVICE)[:, None])[:, 0]
+    (2 * gt_logp + gt_entropy).sum().backward()
+    assert (logp.double() - gt_logp).abs().max() < 1e-5
+    assert (entropy.double() - gt_entropy).abs().max() < 1e-5
+    keep = keep.to(DEVICE)
+    assert (x.grad[:, ~keep] == 0).all()
+    assert (x.grad[:, keep].double() - gt_x.grad).abs().max() < 1e-5
+
+
 def test_gradients_only_for_inputs_that_require_them():
     hidden, weight, targets, _, _, _ = _inputs(20, 24, 97, {})
     h = hidden.float().requires_grad_()
@@ -223,16 +252,22 @@ def test_shift_invariance_of_logits():
 
 
 def test_deterministic():
+    # No atomics: the same inputs give bitwise the same outputs and gradients.
     hidden, weight, targets, valid, g_logp, g_entropy = _inputs(63, 40, 300, {"masked": True})
-    outs = []
-    for _ in range(2):
-        h = hidden.to(torch.bfloat16).requires_grad_()
-        w = weight.to(torch.bfloat16).requires_grad_()
-        logp, entropy = triton_token_logprobs(targets, hidden=h, weight=w, return_entropy=True, valid=valid)
-        (logp * g_logp.float() + entropy * g_entropy.float()).sum().backward()
-        outs.append((logp, entropy, h.grad, w.grad))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    g_logp, g_entropy = g_logp.float(), g_entropy.float()
+    for path in ("hidden", "logits"):
+        outs = []
+        for _ in range(2):
+            if path == "hidden":
+                inputs = {"hidden": hidden.to(torch.bfloat16), "weight": weight.to(torch.bfloat16)}
+            else:
+                inputs = {"logits": (hidden @ weight.T).to(torch.bfloat16)}
+            inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+            logp, entropy = triton_token_logprobs(targets, return_entropy=True, valid=valid, **inputs)
+            (logp * g_logp + entropy * g_entropy).sum().backward()
+            outs.append([logp, entropy] + [inputs[k].grad for k in sorted(inputs)])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), path
 
 
 def _inplace_logits(N=30, V=97):
@@ -361,6 +396,33 @@ def test_fused_terms_match_token_terms(config, path, dtype, options):
     _check_all(out, ref, gt, dtype, names)
 
 
+@pytest.mark.parametrize("config,uses_rollout", all_configs())
+def test_policy_loss_through_triton_matches_reference(config, uses_rollout):
+    # Every preset and option end to end through softpo.policy_loss(impl="triton"): the fused
+    # epilogue for token-level objectives, the log-prob sweep plus torch math for the others.
+    B, T, H, V = 3, 11, 24, 97
+    hidden, weight, targets, _, _, _ = _inputs(B * T, H, V, {}, seed=5)
+    hidden, targets = hidden.view(B, T, H), targets.view(B, T)
+    mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(6)) < 0.7).to(DEVICE)
+    mask[1] = False
+    logp0 = reference_logprobs(targets, hidden=hidden, weight=weight)[0]
+    kwargs64 = loss_kwargs(config, logp0, uses_rollout)
+
+    def run(fn, dt, **extra):
+        h, w = hidden.float().to(dt).requires_grad_(), weight.float().to(dt).requires_grad_()
+        kwargs = {k: v.to(dt) for k, v in kwargs64.items()}
+        loss = fn(config, targets, mask, hidden=h, weight=w, temperature=0.9, **kwargs, **extra)
+        loss = getattr(loss, "loss", loss)
+        loss.backward()
+        return [loss, h.grad, w.grad]
+
+    gt = run(reference_policy_loss, torch.float64)
+    ref = run(reference_policy_loss, torch.float32)
+    out = run(softpo.policy_loss, torch.float32, impl="triton")
+    _check_all(out[1:], ref[1:], gt[1:], torch.float32, ["d_hidden", "d_weight"])
+    assert_close_to_gt(out[0], ref[0], gt[0], torch.float32, "loss")
+
+
 def test_fused_rejects_sequence_level_configs():
     hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
     adv = torch.zeros(4, device=DEVICE)
@@ -370,3 +432,67 @@ def test_fused_rejects_sequence_level_configs():
         triton_fused_token_terms(
             softpo.GRPO.replace(beta=0.1), targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
         )
+
+
+# Compiles every kernel for sm_90 (H100/H200) without a GPU: the interpreter accepts code that the
+# compiler rejects (types of loop bounds, dot shapes, constexpr branches), so CI checks both.
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import itertools
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from softpo.kernels import hidden, logits, terms
+
+    POINTERS = {"targets_ptr": "*i64", "row_idx_ptr": "*i64", "n_valid_ptr": "*i64", "valid_ptr": "*i1"}
+
+    def compile_kernel(fn, config, dtype, **flags):
+        consts = dict(config.kwargs if config else {}, **flags)
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in POINTERS:
+                signature[name] = POINTERS[name]
+            elif name in ("hidden_ptr", "weight_ptr", "logits_ptr", "dlogits_ptr"):
+                signature[name] = "*" + dtype
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32"
+            elif name in ("N", "V", "H") or name.startswith("stride"):
+                signature[name] = "i32"
+            else:
+                signature[name] = "fp32"
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
+        triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+
+    no_terms = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False)
+    all_terms = [
+        dict(HAS_TERMS=True, GATE=0, HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, KL=3, KL_RATIO=True),
+        dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=2, KL_RATIO=False),
+        dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True),
+    ]
+    for dtype, precision, table in (("bf16", "tf32", None), ("fp32", "tf32x3", hidden._FP32_CONFIGS)):
+        fwd = (table or hidden._FWD_CONFIGS)[1][2]
+        for flags in [no_terms] + all_terms:
+            compile_kernel(hidden._hidden_fwd_kernel, fwd, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
+                           DOT_PRECISION=precision, **flags)
+        for kernel, configs in ((hidden._hidden_bwd_dh_kernel, hidden._DH_CONFIGS),
+                                (hidden._hidden_bwd_dw_kernel, hidden._DW_CONFIGS)):
+            for row_idx, ent in itertools.product((False, True), repeat=2):
+                compile_kernel(kernel, (table or configs)[1][2], dtype, HAS_ROW_IDX=row_idx, HAS_ENT_GRAD=ent,
+                               DOT_PRECISION=precision)
+    for _, _, config in logits._CONFIGS[:2]:
+        compile_kernel(logits._logits_fwd_kernel, config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **all_terms[0])
+        compile_kernel(logits._logits_bwd_kernel, config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
+    compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU every kernel runs compiled in the tests above")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

@@ -14,6 +14,9 @@ import sys
 import pytest
 import torch
 
+# TRL's GRPOConfig default (gradient_checkpointing=True) trips transformers' own deprecation notices.
+pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+
 # Nothing may reach the network: no hub lookups, no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -22,7 +25,13 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from softpo.integrations.trl import (  # noqa: E402
@@ -41,7 +50,9 @@ RTOL, ATOL = 1e-5, 1e-6
 def _tokenizer():
     tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", padding_side="left"
+    )
 
 
 def _reward(completions, **kwargs):
@@ -72,6 +83,30 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def scaled_dir(model_dir, tmp_path_factory):
+    # The same weights with a logit scale in the config (Cohere's `logit_scale`), which TRL's head applies.
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    model.config.logit_scale = 1.7
+    path = tmp_path_factory.mktemp("tiny-qwen2-scaled")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    torch.manual_seed(1)
+    config = Qwen3MoeConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+        router_aux_loss_coef=0.02,
+    )
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    Qwen3MoeForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
 def _args(output_dir, **overrides):
     settings = dict(
         output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
@@ -82,9 +117,13 @@ def _args(output_dir, **overrides):
     return GRPOConfig(**settings)
 
 
-def _trainer(cls, model_dir, output_dir, dtype=torch.float32, **overrides):
+# Eager experts: the grouped-matmul path of MoE layers has no float64 kernel.
+_MODEL_KWARGS = {Qwen3MoeForCausalLM: {"experts_implementation": "eager"}}
+
+
+def _trainer(cls, model_dir, output_dir, dtype=torch.float32, model_class=Qwen2ForCausalLM, **overrides):
     return cls(
-        model=Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype),
+        model=model_class.from_pretrained(model_dir, dtype=dtype, **_MODEL_KWARGS.get(model_class, {})),
         reward_funcs=_reward,
         args=_args(output_dir, **overrides),
         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
@@ -122,7 +161,9 @@ def first_step(model_dir, tmp_path_factory):
     class Recording(SoftpoGRPOTrainer):
         def _compute_loss(self, model, inputs):
             if not seen:
-                seen["inputs"] = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in inputs.items()}
+                seen["inputs"] = {
+                    k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in inputs.items()
+                }
                 ref_loss = GRPOTrainer._compute_loss(self, model, inputs)
                 seen["ref"] = (ref_loss.detach(), _grads(model, ref_loss))
                 loss = super()._compute_loss(model, inputs)
@@ -153,7 +194,8 @@ def test_first_step_matches_trl(first_step, model_dir, tmp_path):
     gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path, dtype=torch.float64)
     gt_trainer.current_gradient_accumulation_steps = 1
     gt_loss = gt_trainer._compute_loss(gt_trainer.model, inputs)
-    _assert_same_loss_and_grads(*first_step["out"], *first_step["ref"], gt_loss.detach(), _grads(gt_trainer.model, gt_loss))
+    gt = (gt_loss.detach(), _grads(gt_trainer.model, gt_loss))
+    _assert_same_loss_and_grads(*first_step["out"], *first_step["ref"], *gt)
 
 
 def _perturbed(inputs, trainer, seed):
@@ -164,7 +206,9 @@ def _perturbed(inputs, trainer, seed):
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     with torch.no_grad():
-        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, inputs["completion_ids"].size(1))
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, attention, inputs["completion_ids"].size(1)
+        )
     B, T = logp.shape
     mask = inputs["completion_mask"].float()
     inputs["old_per_token_logps"] = (logp + 0.3 * torch.randn(B, T, generator=g)) * mask
@@ -185,7 +229,10 @@ def _sampler_correction(inputs, mode, cap, seed):
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
     weight = torch.exp(diff)
-    inputs["importance_sampling_ratio"] = weight.clamp(max=cap) if mode.endswith("truncate") else weight.masked_fill(weight > cap, 0.0)
+    if mode.endswith("truncate"):
+        inputs["importance_sampling_ratio"] = weight.clamp(max=cap)
+    else:
+        inputs["importance_sampling_ratio"] = weight.masked_fill(weight > cap, 0.0)
     return inputs
 
 
@@ -205,6 +252,7 @@ CASES = [
     _case("cispo", epsilon_high=1.1),  # the cap binds on the perturbed ratios
     _case("dapo", temperature=0.6, max_completion_length=12),
     _case("dr_grpo", max_completion_length=16),
+    _case("sapo", cast_lm_head_to_fp32=True),  # TRL swaps the head's forward; softpo reads its weight
 ]
 
 
@@ -225,11 +273,11 @@ def _compare(trainer, gt_trainer, inputs):
         assert out_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
-def _pair(model_dir, tmp_path, overrides, mode="train"):
+def _pair(model_dir, tmp_path, overrides, mode="train", model_class=Qwen2ForCausalLM):
     # Accumulation 2 and 4 steps per generation, so that every normalizer's scaling is visible.
     overrides = dict(gradient_accumulation_steps=2, steps_per_generation=4, **overrides)
-    trainer = _trainer(SoftpoGRPOTrainer, model_dir, tmp_path / "out", **overrides)
-    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", dtype=torch.float64, **overrides)
+    trainer = _trainer(SoftpoGRPOTrainer, model_dir, tmp_path / "out", model_class=model_class, **overrides)
+    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", torch.float64, model_class, **overrides)
     for t in (trainer, gt_trainer):
         t.current_gradient_accumulation_steps = 2
         t.model.train(mode == "train")
@@ -266,6 +314,20 @@ def test_sampler_correction_matches_trl(first_step, model_dir, tmp_path, mode):
     _compare(trainer, gt_trainer, inputs)
 
 
+@pytest.mark.parametrize("loss_type", ["sapo", "dapo"])
+def test_moe_router_loss_matches_trl(first_step, moe_dir, tmp_path, loss_type):
+    # The captured batch's token ids are valid for the MoE model too (same tokenizer); its own logits differ.
+    trainer, gt_trainer = _pair(moe_dir, tmp_path, dict(loss_type=loss_type), model_class=Qwen3MoeForCausalLM)
+    assert trainer.aux_loss_enabled
+    _compare(trainer, gt_trainer, _perturbed(first_step["inputs"], trainer, seed=7))
+
+
+def test_logit_scale_matches_trl(first_step, scaled_dir, tmp_path):
+    trainer, gt_trainer = _pair(scaled_dir, tmp_path, dict(loss_type="grpo", temperature=0.8, entropy_coef=0.05))
+    assert trainer._softpo_logit_scale == 1.7
+    _compare(trainer, gt_trainer, _perturbed(first_step["inputs"], trainer, seed=8))
+
+
 def test_loss_forward_never_calls_lm_head(first_step, model_dir, tmp_path):
     trainer, _ = _pair(model_dir, tmp_path, dict(loss_type="grpo"))
     calls = []
@@ -295,7 +357,9 @@ def test_unsupported_sampler_bounds_raise():
         loss_config_from_grpo_config(GRPOConfig(use_vllm=True, vllm_importance_sampling_clip_min=0.5, **args))
     with pytest.raises(ValueError, match="vllm_importance_sampling_clip_max"):
         loss_config_from_grpo_config(
-            GRPOConfig(use_vllm=True, vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_max=None, **args)
+            GRPOConfig(
+                use_vllm=True, vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_max=None, **args
+            )
         )
 
 
@@ -325,8 +389,9 @@ def test_wrap_existing_trainer_class(first_step, model_dir, tmp_path):
     wrapped = softpo_trainer(_CustomRewardTrainer)
     assert issubclass(wrapped, _CustomRewardTrainer) and softpo_trainer(_CustomRewardTrainer) is wrapped
     assert softpo_trainer(GRPOTrainer) is SoftpoGRPOTrainer
-    trainer = _trainer(wrapped, model_dir, tmp_path / "out", loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4)
-    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", dtype=torch.float64, loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4)
+    settings = dict(loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4)
+    trainer = _trainer(wrapped, model_dir, tmp_path / "out", **settings)
+    gt_trainer = _trainer(GRPOTrainer, model_dir, tmp_path / "gt", dtype=torch.float64, **settings)
     for t in (trainer, gt_trainer):
         t.current_gradient_accumulation_steps = 2
     _compare(trainer, gt_trainer, _perturbed(first_step["inputs"], trainer, seed=6))

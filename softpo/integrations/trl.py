@@ -21,7 +21,7 @@ import math
 import types
 
 import torch
-from torch.distributed.tensor import DTensor
+from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import policy_loss
@@ -158,7 +158,8 @@ def _add_softpo_head(model) -> None:
         # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
         outputs = self.base_model(*args, **kwargs)
         weight = self.get_output_embeddings().weight
-        if isinstance(weight, DTensor):
+        # FSDP2 shards parameters as DTensors; the loss needs the whole head, gathered differentiably.
+        if hasattr(weight, "full_tensor"):
             weight = weight.full_tensor()
         return softpo_loss_fn(outputs, weight)
 
@@ -193,7 +194,7 @@ class SoftpoGRPOMixin:
                     "DeepSpeed ZeRO-3 (deepspeed config): softpo's backward re-reads lm_head.weight, which "
                     "ZeRO-3 has partitioned again by then; use ZeRO-2 or FSDP"
                 )
-        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._softpo_logit_scale = _check_model(target)
         _add_softpo_head(target)
 
@@ -226,7 +227,7 @@ class SoftpoGRPOMixin:
         if self.use_vllm and self.vllm_importance_sampling_correction:
             sampled = inputs["sampling_per_token_logps"]
             # TRL gives tokens the sampler could not score a correction weight of exactly 1.
-            rollout_logp = torch.nan_to_num(sampled)
+            rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
         temperature = self.temperature / self._softpo_logit_scale
         normalizer = self._normalizer(inputs, mode)
         cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
@@ -235,24 +236,22 @@ class SoftpoGRPOMixin:
             # Position t of the backbone output predicts token t + 1: the completion is predicted by the T
             # positions that end one before the sequence does.
             hidden = outputs.last_hidden_state[:, -T - 1 : -1].to(weight.device)
+            device_type = hidden.device.type
+            # The head's dtype is the one TRL's head computes in.
             if cast_head_to_fp32:
-                hidden, weight = hidden.float(), weight.float()
-                context = torch.autocast(hidden.device.type, enabled=False)
-            elif torch.is_autocast_enabled(hidden.device.type):
-                dtype = torch.get_autocast_dtype(hidden.device.type)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
-                context = torch.autocast(hidden.device.type, enabled=False)
+                dtype = torch.float32
+            elif torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
             else:
-                hidden = hidden.to(weight.dtype)
-                context = torch.autocast(hidden.device.type, enabled=False)
-            with context:
+                dtype = weight.dtype
+            with torch.autocast(device_type, enabled=False):
                 out = policy_loss(
                     config,
                     completion_ids.to(weight.device),
                     mask.to(weight.device),
                     inputs["advantages"],
-                    hidden=hidden,
-                    weight=weight,
+                    hidden=hidden.to(dtype),
+                    weight=weight.to(dtype),
                     old_logp=old_logp,
                     ref_logp=ref_logp,
                     rollout_logp=rollout_logp,
@@ -300,19 +299,23 @@ class SoftpoGRPOMixin:
         ratio = torch.exp(log_ratio)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        fmask = mask.to(logp.dtype)
+        count = mask.sum(-1).to(logp.dtype)
+
+        def masked(x):
+            return torch.where(mask, x, torch.zeros_like(x))
 
         def global_mean(x):
             # [B, 1] values are one per sequence (sequence level); [B, T] are averaged over unmasked tokens.
             if x.shape[1] == 1:
                 local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
             else:
-                local = torch.stack([(x * fmask).sum(), fmask.sum()])
+                local = torch.stack([masked(x).sum(), count.sum()])
             total = self.accelerator.reduce(local, reduction="sum")
             return (total[0] / total[1].clamp(min=1.0)).item()
 
         def per_sequence(x):
-            return x.squeeze(1) if x.shape[1] == 1 else (x * fmask).sum(-1) / fmask.sum(-1)
+            # A sequence without tokens gives NaN, which the min / max below skip.
+            return x.squeeze(1) if x.shape[1] == 1 else masked(x).sum(-1) / count
 
         if self.beta != 0.0:
             log_ref_ratio = ref_logp.to(logp.dtype) - logp

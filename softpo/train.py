@@ -1,0 +1,601 @@
+"""`softpo train`: a thin RL loop for Mixture-of-Experts (and any causal) language models.
+
+With no arguments it trains a small random-init Qwen3-MoE (8 experts, top-2 routing) on the built-in
+`count` task (softpo/tasks.py) with SAPO, offline, on a CPU, in a few minutes, and the reward climbs.
+
+One step:
+  prompts -> G samples per prompt (`model.generate`, temperature T) -> rewards -> group advantages
+  -> old log-probs (and reference log-probs when beta > 0 or for SPO), no grad
+  -> for each minibatch: final hidden states from the base model (never its logits) ->
+     softpo.policy_loss(hidden, lm_head.weight) + router load-balancing loss -> AdamW step
+  -> metrics.jsonl line, progress bar, checkpoint every --save-every steps.
+
+Simplifications, on purpose:
+- Sampling runs in the training process with transformers' `generate`; there is no inference engine,
+  so the sampler's log-probs equal the trainer's and no rollout-mismatch correction is applied.
+- Raw-text prompts (no chat template); completions end at EOS or after --max-new-tokens.
+- One optimizer step per minibatch, constant learning rate, no gradient accumulation.
+- The reference policy is a frozen full copy of the initial weights.
+- For SPO, q0 of a prompt comes from the rewards of its own G samples in the same step.
+- Data parallel (torchrun) averages gradients with one all-reduce per update: what DDP does, minus
+  bucketing and overlap. DDP's reducer assumes every parameter takes part in its module's forward,
+  which neither lm_head (used by the loss, outside the forward) nor an MoE expert that got no token
+  on one rank does.
+- Checkpoints keep the latest state only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import softpo
+from softpo import tasks
+
+LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"softpo train: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="softpo train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="local directory of any transformers causal LM (with its tokenizer); "
+                   "default: a random-init Qwen3-MoE and the built-in character tokenizer")
+    g.add_argument("--vocab-size", type=int, help="built-in model's vocabulary (e.g. 151936 for Qwen-sized); "
+                   "default: the tokenizer's size")
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--experts", type=int, default=8)
+    g.add_argument("--experts-per-token", type=int, default=2)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+    g = p.add_argument_group("task and sampling")
+    g.add_argument("--task", choices=sorted(tasks.TASKS), default="count")
+    g.add_argument("--prompts", help="text file, one prompt per line (default: the task's prompts)")
+    g.add_argument("--reward", help="module:function taking (prompts, completions) and returning floats "
+                   "(default: the task's reward)")
+    g.add_argument("--prompts-per-step", type=int, default=16, help="global, split across ranks")
+    g.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
+    g.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="sapo", help=f"preset: {', '.join(LOSSES)} (or a TRL loss_type)")
+    g.add_argument("--beta", type=float, help="KL coefficient (SPO: its temperature)")
+    g.add_argument("--epsilon", type=float)
+    g.add_argument("--epsilon-high", type=float)
+    g.add_argument("--entropy-coef", type=float)
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other LossConfig field, value as JSON (repeatable): --set delta=3 --set kl_estimator=\"k1\"")
+    g.add_argument("--scale-rewards", choices=("group", "none"),
+                   help="divide advantages by the group's reward std (default: none for dr_grpo, group otherwise)")
+    g.add_argument("--router-aux-coef", type=float, help="load-balancing loss coefficient (default: the model config's)")
+    g.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
+                   help="softpo path: auto = Triton kernels on CUDA, chunked torch otherwise")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per epoch over one rollout")
+    g.add_argument("--epochs", type=int, default=1, help="passes over one rollout")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default: runs/<date-time>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint; other flags "
+                   "given alongside override the saved ones")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps (and at the end)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--threads", type=int, help="CPU threads per process (default 1: the built-in model is too "
+                   "small to gain from more, and oversubscribed threads on a busy machine slow it tenfold)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"resume: {path} not found")
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)["args"]
+        # Saved values become defaults, so flags given alongside --resume still win.
+        parser.set_defaults(**{k: v for k, v in saved.items() if k != "resume"})
+        args = parser.parse_args(argv)
+        args.out = args.resume
+    return args
+
+
+def check_args(args):
+    positive = ("prompts_per_step", "group_size", "steps", "minibatches", "epochs", "save_every", "hidden_size",
+                "layers", "experts", "experts_per_token")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("max_new_tokens", "vocab_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.experts_per_token > args.experts:
+        raise ValueError(f"--experts-per-token ({args.experts_per_token}) must be <= --experts ({args.experts})")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model: directory {args.model!r} not found")
+    if args.model is not None and args.vocab_size is not None:
+        raise ValueError("--vocab-size applies to the built-in model only")
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        raise ValueError(f"--prompts: file {args.prompts!r} not found")
+
+
+def loss_config(args) -> softpo.LossConfig:
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = value
+    for name in ("beta", "epsilon", "epsilon_high", "entropy_coef"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    # Entropy is always reported; Dr.GRPO's length constant is the sampling budget.
+    overrides.setdefault("compute_entropy", True)
+    overrides.setdefault("max_completion_length", args.max_new_tokens)
+    try:
+        return softpo.preset(args.loss, **overrides)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--loss/--set: {error}") from error
+
+
+def build_model(args, tokenizer, device):
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
+    else:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        heads = 4
+        config = Qwen3MoeConfig(
+            vocab_size=args.vocab_size or len(tokenizer), hidden_size=args.hidden_size,
+            intermediate_size=2 * args.hidden_size, moe_intermediate_size=args.hidden_size,
+            num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+            head_dim=max(args.hidden_size // heads, 8), num_experts=args.experts,
+            num_experts_per_tok=args.experts_per_token, max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+            tie_word_embeddings=False,
+        )
+        model = Qwen3MoeForCausalLM(config).to(dtype)
+    return model.to(device)
+
+
+def build_tokenizer(args):
+    if not args.model:
+        return tasks.make_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G]: minus the group mean, over the group std (+1e-4) when `scale`."""
+    advantages = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale and rewards.shape[1] > 1:
+        advantages = advantages / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return advantages
+
+
+def rollout(model, tokenizer, prompts, args, device):
+    """Sample G completions per prompt; return the token batch the scoring forwards need."""
+    from transformers import GenerationConfig
+
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = encoded.input_ids.repeat_interleave(args.group_size, dim=0)
+    prompt_mask = encoded.attention_mask.repeat_interleave(args.group_size, dim=0)
+    # A clean config: no top-k/top-p/penalties from the model's defaults, so sampling is exactly
+    # softmax(z / T), the distribution every log-prob below is taken under.
+    generation = GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.eval()
+    with torch.no_grad():
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+    model.train()
+    completion = sequences[:, prompt_ids.shape[1]:]
+    is_eos = completion == tokenizer.eos_token_id
+    # Completion tokens up to and including the first EOS count; generate pads the rest.
+    mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+    attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
+    return {
+        "input_ids": sequences,
+        "attention_mask": attention,
+        "position_ids": (attention.cumsum(dim=1) - 1).clamp(min=0),
+        "valid": torch.cat([prompt_mask.bool(), mask], dim=1),
+        "targets": completion,
+        "mask": mask,
+        "prompt_length": prompt_ids.shape[1],
+        "texts": tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True),
+    }
+
+
+def forward(model, batch, rows, moe):
+    """Final hidden states aligned with the completion tokens (position t predicts t + 1), and the router
+    logits per layer as [rows, length, experts] when the model is an MoE."""
+    kwargs = {"output_router_logits": True} if moe else {}
+    out = model.base_model(
+        input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+        position_ids=batch["position_ids"][rows], use_cache=False, **kwargs,
+    )
+    start = batch["prompt_length"] - 1
+    hidden = out.last_hidden_state[:, start:-1]
+    router = getattr(out, "router_logits", None) if moe else None
+    if router is not None:
+        n, length = batch["input_ids"][rows].shape
+        router = [layer.reshape(n, length, -1) for layer in router]
+    return hidden, router
+
+
+def top_k_sets(router, start, k):
+    """[layers, rows, completion, k] sorted expert indices of the positions that score completion tokens."""
+    return torch.stack([layer[:, start:-1].topk(k, dim=-1).indices.sort(dim=-1).values for layer in router])
+
+
+def load_balancing(router, valid, num_experts, k):
+    """Switch-Transformer aux loss over valid tokens, and expert load per layer (fraction of top-k picks)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    aux = load_balancing_loss_func(tuple(layer.flatten(0, 1) for layer in router), num_experts, k, valid)
+    with torch.no_grad():
+        picks = [layer[valid].topk(k, dim=-1).indices.flatten() for layer in router]
+        load = torch.stack([torch.bincount(p, minlength=num_experts).float() / max(p.numel(), 1) for p in picks])
+    return aux, load
+
+
+def reduce_metrics(values: dict, world: int) -> dict:
+    """Average across minibatches (lists) and ranks; *_min and *_max keep their extreme."""
+    out = {}
+    for key, items in sorted(values.items()):
+        op = min if key.endswith("_min") else max if key.endswith("_max") else None
+        out[key] = op(items) if op else sum(items) / len(items)
+    if world > 1:
+        for suffix, op in (("_min", dist.ReduceOp.MIN), ("_max", dist.ReduceOp.MAX), ("", dist.ReduceOp.SUM)):
+            keys = [k for k in out if k.endswith(suffix) and (suffix or not k.endswith(("_min", "_max")))]
+            buffer = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(buffer, op=op)
+            for key, value in zip(keys, buffer.tolist()):
+                out[key] = value / world if not suffix else value
+    return out
+
+
+def average_gradients(params, world):
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(run_dir, step, model, optimizer, device, world):
+    states = [rng_state(device)]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_state(device))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = os.path.join(run_dir, "checkpoint.pt")
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": states,
+                "world_size": world}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def plot(run_dir, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward_mean", "reward"), ("loss", "loss"), ("entropy", "entropy"), ("kl", "KL to reference"),
+              ("routing_drift", "routing drift"), ("aux_loss", "router aux loss")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    steps = [r["step"] for r in rows]
+    for ax, (key, title) in zip(axes.flat, panels):
+        values = [r.get(key) for r in rows]
+        points = [(s, v) for s, v in zip(steps, values) if v is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, lw=0.8, alpha=0.5)
+            window = max(1, len(ys) // 20)
+            smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, lw=1.6)
+        else:
+            ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "metrics.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return train(args)
+    except _UsageError as error:
+        print(f"softpo train: error: {error}", file=sys.stderr)
+        return 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+def train(args) -> int:
+    # ---- setup: arguments, processes, device, tokenizer, models, loss, optimizer, run directory
+    try:
+        check_args(args)
+        task = tasks.TASKS[args.task]
+        args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+        reward_fn = tasks.load_reward(args.reward) if args.reward else task.reward
+        prompt_pool = tasks.load_prompts(args.prompts) if args.prompts else None
+        config = loss_config(args)
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(args.threads or 1)
+    if args.prompts_per_step % world:
+        raise _UsageError(f"--prompts-per-step ({args.prompts_per_step}) must be divisible by the {world} ranks")
+    main_rank = rank == 0
+
+    tokenizer = build_tokenizer(args)
+    model = build_model(args, tokenizer, device)
+    reference = None
+    if config.needs_ref:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    moe = bool(getattr(model.config, "num_experts_per_tok", 0))
+    num_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0)
+    top_k = getattr(model.config, "num_experts_per_tok", 0)
+    aux_coef = args.router_aux_coef if args.router_aux_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.001)
+    scale_rewards = (args.scale_rewards or ("none" if config.name == "dr_grpo" else "group")) == "group"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    run_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    start = 0
+    history = []
+    if args.resume:
+        checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+        if not os.path.isfile(checkpoint_path):
+            raise _UsageError(f"--resume: no checkpoint.pt in {run_dir}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["world_size"] != world:
+            raise _UsageError(f"--resume: the run used {state['world_size']} ranks, this one has {world}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"][rank]["torch"])
+        if use_cuda and "cuda" in state["rng"][rank]:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+        start = state["step"]
+        if os.path.isfile(metrics_path):
+            with open(metrics_path, encoding="utf-8") as handle:
+                history = [row for row in map(json.loads, handle) if row["step"] <= start]
+    else:
+        if main_rank and os.path.exists(metrics_path):
+            raise _UsageError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
+        torch.manual_seed(args.seed + 1 + rank)
+    if main_rank:
+        os.makedirs(run_dir, exist_ok=True)
+        resolved = {
+            "args": {k: v for k, v in vars(args).items()}, "loss_config": dataclasses.asdict(config),
+            "model_config": model.config.to_dict(), "world_size": world, "device": str(device),
+            "scale_rewards": scale_rewards, "router_aux_coef": aux_coef,
+            "versions": {"softpo": softpo.__version__, "torch": torch.__version__},
+        }
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(resolved, handle, indent=2, default=str)
+        with open(metrics_path, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in history)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"softpo train: {args.model or 'Qwen3-MoE (random init)'}, {n_params / 1e6:.2f}M parameters, "
+              f"loss {config.name}, {world} process(es) on {device}, run dir {run_dir}", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not main_rank or args.no_progress,
+               dynamic_ncols=True)
+    per_rank = args.prompts_per_step // world
+    rows_per_rank = per_rank * args.group_size
+    minibatch_rows = math.ceil(rows_per_rank / args.minibatches)
+    slices = [slice(i, min(i + minibatch_rows, rows_per_rank)) for i in range(0, rows_per_rank, minibatch_rows)]
+    for step in bar:
+        began = time.perf_counter()
+        # ---- prompts: the same global list on every rank (seeded by step), each rank takes its share
+        prompt_rng = random.Random(args.seed * 1_000_003 + step)
+        if prompt_pool is not None:
+            prompts = [prompt_rng.choice(prompt_pool) for _ in range(args.prompts_per_step)]
+        else:
+            prompts = [task.sample_prompt(prompt_rng) for _ in range(args.prompts_per_step)]
+        prompts = prompts[rank * per_rank: (rank + 1) * per_rank]
+
+        # ---- rollout, rewards, advantages
+        batch = rollout(model, tokenizer, prompts, args, device)
+        repeated = [p for p in prompts for _ in range(args.group_size)]
+        rewards = torch.tensor(reward_fn(repeated, batch["texts"]), dtype=torch.float32)
+        if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
+            raise ValueError(f"reward function must return {len(repeated)} finite floats")
+        grouped = rewards.view(per_rank, args.group_size)
+        advantages = group_advantages(grouped, scale_rewards).flatten().to(device)
+        q0 = None
+        if config.objective == "spo":
+            q0 = softpo.spo_q0(grouped, config.beta).repeat_interleave(args.group_size).to(device)
+        rewards = rewards.to(device)
+        targets, mask = batch["targets"], batch["mask"]
+
+        # ---- old (and reference) log-probs and the routing they were computed under
+        old_logp = torch.empty(mask.shape, device=device)
+        ref_logp = torch.empty(mask.shape, device=device) if reference is not None else None
+        old_experts = []
+        with torch.no_grad():
+            for rows in slices:
+                hidden, router = forward(model, batch, rows, moe)
+                old_logp[rows] = softpo.token_logprobs(targets[rows], hidden=hidden, weight=model.lm_head.weight,
+                                                       temperature=args.temperature, impl=args.impl)
+                if router is not None:
+                    old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, top_k))
+                if reference is not None:
+                    hidden, _ = forward(reference, batch, rows, False)
+                    ref_logp[rows] = softpo.token_logprobs(targets[rows], hidden=hidden, weight=reference.lm_head.weight,
+                                                           temperature=args.temperature, impl=args.impl)
+
+        # ---- updates: minibatches x epochs, one optimizer step each
+        logged = {}
+        loads = []
+        for _ in range(args.epochs):
+            for index, rows in enumerate(slices):
+                hidden, router = forward(model, batch, rows, moe)
+                normalizer = None
+                if config.loss_aggregation == "token-mean":
+                    # Gradients are averaged over ranks, so each rank divides by the global count / world.
+                    count = mask[rows].sum().float()
+                    if world > 1:
+                        dist.all_reduce(count)
+                    normalizer = count.clamp(min=1) / world
+                out = softpo.policy_loss(
+                    config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=model.lm_head.weight,
+                    old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
+                    rewards=rewards[rows], q0=None if q0 is None else q0[rows],
+                    temperature=args.temperature, normalizer=normalizer, impl=args.impl,
+                )
+                loss = out.loss
+                if router is not None:
+                    aux, load = load_balancing(router, batch["valid"][rows], num_experts, top_k)
+                    loss = loss + aux_coef * aux
+                    changed = (top_k_sets(router, batch["prompt_length"] - 1, top_k) != old_experts[index]).any(-1)
+                    drift = (changed & mask[rows]).sum() / mask[rows].sum().clamp(min=1) / changed.shape[0]
+                    logged.setdefault("aux_loss", []).append(aux.item())
+                    logged.setdefault("routing_drift", []).append(drift.item())
+                    loads.append(load)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    average_gradients(params, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                logged.setdefault("grad_norm", []).append(grad_norm.item())
+                logged.setdefault("total_loss", []).append(loss.item())
+                for key, value in out.metrics.items():
+                    logged.setdefault(key, []).append(value.item())
+
+        # ---- metrics, progress, checkpoint
+        metrics = reduce_metrics(logged, world)
+        tokens = mask.sum().float()
+        all_rewards = rewards
+        if world > 1:
+            dist.all_reduce(tokens)
+            gathered = [torch.empty_like(rewards) for _ in range(world)]
+            dist.all_gather(gathered, rewards)
+            all_rewards = torch.cat(gathered)
+        elapsed = time.perf_counter() - began
+        row = {
+            "step": step + 1,
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+            "completion_length": tokens.item() / all_rewards.numel(),
+            **{key: metrics.get(key) for key in ("loss", "policy_loss", "total_loss", "kl", "entropy", "ratio_mean",
+                                                 "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low",
+                                                 "clip_fraction_high", "gate_weight", "log_ratio_seq_var", "q_mean",
+                                                 "routing_drift", "aux_loss", "grad_norm")},
+            "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
+            "tokens_per_s": tokens.item() / elapsed,
+            "peak_mem_mb": peak_memory_mb(device),
+            "step_time_s": elapsed,
+        }
+        history.append(row)
+        if main_rank:
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(run_dir, step + 1, model, optimizer, device, world)
+            if main_rank and not args.no_progress:
+                bar.write(f"step {step + 1}: {prompts[0]!r} -> {batch['texts'][0]!r} (reward {rewards[0].item():.2f})")
+    bar.close()
+
+    if main_rank and history:
+        plot(run_dir, history)
+        tenth = max(1, len(history) // 10)
+        first = sum(r["reward_mean"] for r in history[:tenth]) / tenth
+        last = sum(r["reward_mean"] for r in history[-tenth:]) / tenth
+        largest = max(s.stop - s.start for s in slices) * mask.shape[1]
+        logits_mb = largest * model.lm_head.weight.shape[0] * 4 / 2**20
+        print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
+        print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if use_cuda else 'process RSS'}); "
+              f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.0f} MiB")
+        print(f"run directory: {run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

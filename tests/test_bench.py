@@ -1,0 +1,122 @@
+"""The benchmark harness keeps working: `softpo bench --tiny --device cpu` writes a complete record.
+
+No timing is asserted (a benchmark is not a test); only that the record holds what a reader needs and
+that every provider appears, measured or skipped with a reason.
+"""
+
+import json
+import math
+
+import pytest
+
+from softpo import bench
+
+RESULT_KEYS = {
+    "time_median_s", "time_q25_s", "time_q75_s", "time_min_s", "time_max_s", "n_samples", "first_call_s",
+    "peak_mem_bytes", "grad_bytes", "input_bytes", "ceiling", "ceiling_fraction",
+}
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # In process: one worker process per result is exercised by test_isolated_worker.
+    code = bench.main(["--tiny", "--device", "cpu", "--out", str(out), "--no-isolate",
+                       "--target-seconds", "0.05", "--min-samples", "2"])
+    assert code == 0
+    (path,) = out.glob("cpu-*.json")
+    return json.loads(path.read_text()), out
+
+
+def test_record_header(record):
+    doc, out = record
+    assert doc["device"]["type"] == "cpu" and doc["device"]["name"]
+    for package in ("torch", "triton", "liger_kernel", "trl", "softpo"):
+        assert doc["versions"][package], package
+    assert doc["date"][:4].isdigit() and doc["set"] == "tiny" and doc["complete"] is True
+    assert doc["ceilings"]["matmul_flops_per_s"] > 1e8
+    assert doc["ceilings"]["copy_bytes_per_s"] > 1e7
+    assert (out / (doc["device"]["type"] + "-" + doc["date"][:10] + ".md")).read_text().startswith("# softpo")
+
+
+def test_every_provider_recorded(record):
+    doc, _ = record
+    seen = {(r["case"], r["provider"]) for r in doc["results"]}
+    assert seen == {(c["id"], p) for c in doc["cases"] for p in doc["providers"]}
+    for r in doc["results"]:
+        assert r["status"] in ("ok", "skipped", "error"), r
+        if r["status"] != "ok":
+            assert r["reason"], r
+
+
+def test_measured_values_plausible(record):
+    doc, _ = record
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} >= {"softpo-torch", "torch-eager"}
+    for r in ok:
+        assert RESULT_KEYS <= r.keys(), r
+        assert 0 < r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"] < 60
+        assert r["n_samples"] >= 2
+        assert 0 < r["ceiling_fraction"] < 10 and math.isfinite(r["ceiling_fraction"])
+        assert r["ceiling"] == ("matmul" if r["case"].startswith("hidden") else "copy")
+    for r in ok:
+        if "-fwdbwd-" in r["case"]:
+            assert r["grad_bytes"] > 0, r
+
+
+def test_cuda_only_providers_skipped_with_reason(record):
+    doc, _ = record
+    by = {(r["case"], r["provider"]): r for r in doc["results"]}
+    for case in doc["cases"]:
+        triton = by[(case["id"], "softpo-triton")]
+        assert triton["status"] == "skipped" and "CUDA" in triton["reason"]
+    logits = next(c["id"] for c in doc["cases"] if c["path"] == "logits")
+    assert by[(logits, "liger-triton")]["status"] == "skipped" and "CUDA" in by[(logits, "liger-triton")]["reason"]
+
+
+def test_failing_provider_recorded_as_error():
+    providers = bench.load_providers(bench.find_bench_dir())
+
+    class Broken(providers.Provider):
+        name = "broken"
+
+        def build(self, case, inputs):
+            raise RuntimeError("cannot run this case")
+
+    case = providers.case_set("tiny")[0]
+    result = bench.measure_safely(providers, case, Broken(), "cpu", target_s=0.01, min_samples=1, max_samples=1)
+    assert result["status"] == "error" and "cannot run this case" in result["reason"]
+
+
+def test_isolated_worker():
+    providers = bench.load_providers(bench.find_bench_dir())
+    case = providers.case_set("tiny")[1]
+    spec = {"bench_dir": str(bench.find_bench_dir()), "case": case.to_dict(), "provider": "torch-eager",
+            "device": "cpu", "measure": {"target_s": 0.01, "min_samples": 2, "max_samples": 2}}
+    result = bench.run_isolated(spec, timeout_s=120)
+    assert result["status"] == "ok", result
+    # The logits' gradient alone is N x V fp32; the call's peak above the inputs cannot be below it.
+    assert result["peak_mem_bytes"] >= case.N * case.V * 4
+
+
+def test_plot_and_table_from_a_sweep(tmp_path):
+    providers = bench.load_providers(bench.find_bench_dir())
+    cases = [providers.Case("hidden", "fwdbwd", "sapo", False, B, 8, 100, H=16, dtype="fp32") for B in (2, 4)]
+    results = [
+        {"case": c.id, "provider": p, "status": "ok", "reason": None, "time_median_s": 1e-3 * c.B,
+         "time_q25_s": 1e-3, "time_q75_s": 2e-3, "peak_mem_bytes": 2**20 * c.B, "ceiling_fraction": 0.1}
+        for c in cases for p in ("softpo-torch", "torch-eager")
+    ]
+    doc = {
+        "device": {"type": "cpu", "name": "test cpu"}, "versions": {"torch": "x"}, "date": "2026-01-01T00:00:00",
+        "set": "test", "complete": True, "command": "softpo bench", "memory_method": "m",
+        "ceilings": {"matmul_flops_per_s": 1e9, "matmul": {"dtype": "float32", "shape": [8, 8, 8]},
+                     "copy_bytes_per_s": 1e9},
+        "timing": {"method": "perf_counter"},
+        "providers": {"softpo-torch": {"recomputes_logits": True}, "torch-eager": {}},
+        "cases": [c.to_dict() for c in cases], "results": results,
+    }
+    (png,) = bench.plot(doc, tmp_path, "t")
+    assert png.stat().st_size > 1000
+    table = bench.markdown(doc)
+    assert cases[0].id in table and "| softpo-torch* |" in table
