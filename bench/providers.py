@@ -45,6 +45,7 @@ class Case:
     V: int
     H: int = 0  # hidden path only
     dtype: str = "bf16"
+    tag: str = ""  # "row": one long row, a family of its own
     # (provider name, reason) pairs: providers this case set leaves out on purpose, with the reason.
     skip: tuple[tuple[str, str], ...] = ()
 
@@ -56,14 +57,16 @@ class Case:
     def id(self) -> str:
         ent = "-ent" if self.entropy else ""
         hid = f"-H{self.H}" if self.path == "hidden" else ""
-        return f"{self.path}-{self.mode}-{self.objective}{ent}-N{self.N}-T{self.T}{hid}-V{self.V}-{self.dtype}"
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"{self.path}-{self.mode}-{self.objective}{ent}{tag}-N{self.N}-T{self.T}{hid}-V{self.V}-{self.dtype}"
 
     @property
     def family(self) -> str:
         """The case with N left out: the cases of one family form a line against N in the plots."""
         ent = "-ent" if self.entropy else ""
         hid = f"-H{self.H}" if self.path == "hidden" else ""
-        return f"{self.path}-{self.mode}-{self.objective}{ent}{hid}-V{self.V}-{self.dtype}"
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"{self.path}-{self.mode}-{self.objective}{ent}{tag}{hid}-V{self.V}-{self.dtype}"
 
     @property
     def itemsize(self) -> int:
@@ -150,7 +153,7 @@ def case_set(name: str) -> list[Case]:
         cases.append(Case("hidden", "fwd", "logp", True, *_rows(headline), 151936, H=H, dtype=dt,
                           skip=skips("logp", True, headline, 151936)))
         # One row of 131072 tokens: offsets past 2^31 elements, and no token axis on a 65535-limited grid.
-        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 151936, dtype=dt,
+        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 151936, dtype=dt, tag="row",
                           skip=(compile_skip, torch_skip)))
         return cases
     if name == "quick":
@@ -173,7 +176,7 @@ def case_set(name: str) -> list[Case]:
             skip = () if N == 1024 else compile_skip
             cases.append(Case("hidden", "fwd", "logp", False, *_rows(N, 256), V, H=H, dtype=dt, skip=skip))
         cases.append(Case("hidden", "fwd", "logp", True, *_rows(1024, 256), V, H=H, dtype=dt, skip=compile_skip))
-        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 16384, 4096, dtype=dt, skip=compile_skip))
+        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 16384, 4096, dtype=dt, tag="row", skip=compile_skip))
         # The core issue's memory case: N=4096, H=256, V=151936, fp32.
         for mode, objective in (("fwd", "logp"), ("fwdbwd", "sapo")):
             cases.append(Case("hidden", mode, objective, False, *_rows(4096, 1024), 151936, H=256, dtype=dt,

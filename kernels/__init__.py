@@ -1,5 +1,9 @@
 """Triton kernels of softpo: vocabulary sweeps from hidden states or logits to per-token log-probs.
 
+hidden.py: from hidden [N, H] and weight [V, H], logits tiles computed in-kernel (tl.dot).
+logits.py: from logits [N, V] of any float dtype and strides.
+terms.py: the forward epilogue's gates and KL estimators (token-level objectives).
+_common.py: the online log-sum-exp, row blocks (masking), config selection.
 Only kernels, their configs and plain launchers live here; autograd is in softpo.triton_ops.
 """
 

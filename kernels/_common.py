@@ -21,30 +21,49 @@ DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _online_lse(m, s, t, z):
-    """Fold a [BLOCK_N, BLOCK_V] tile z (-inf where absent) into each row's running max m,
-    s = sum exp(z - m) and t = sum exp(z - m) * (z - m).
+def _lse_merge(m, s, t, m2, s2, t2):
+    """Merge two log-sum-exp states of the same rows.
 
-    Keeping t relative to the running max gives the entropy as log(s) - t / s, free of the
-    cancellation in lse - sum p z when logits are large.
+    A state is the running max m, s = sum exp(z - m) and t = sum exp(z - m) * (z - m) over the
+    logits z seen so far. Keeping t relative to the max gives the entropy as log(s) - t / s, free of
+    the cancellation in lse - sum p z when logits are large.
     """
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    # A row with no finite logit yet keeps a finite reference, so no inf - inf appears.
+    m_new = tl.maximum(m, m2)
+    # Rows with no finite logit yet keep a finite reference, so no inf - inf appears.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_ref)
-    shift = tl.where(s > 0, (m - m_ref) * s, 0.0)
-    d = z - m_ref[:, None]
+    a = tl.exp(m - m_ref)
+    a2 = tl.exp(m2 - m_ref)
+    t = a * (t + tl.where(s > 0, (m - m_ref) * s, 0.0)) + a2 * (t2 + tl.where(s2 > 0, (m2 - m_ref) * s2, 0.0))
+    return m_new, a * s + a2 * s2, t
+
+
+@triton.jit
+def _online_lse(m, s, t, z):
+    """Fold a [BLOCK_N, BLOCK_V] tile of logits z (-inf where absent) into the rows' state."""
+    m2 = tl.max(z, axis=1)
+    d = z - tl.where(m2 == float("-inf"), 0.0, m2)[:, None]
     e = tl.exp(d)
-    t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
-    s = alpha * s + tl.sum(e, axis=1)
-    return m_new, s, t
+    return _lse_merge(m, s, t, m2, tl.sum(e, axis=1), tl.sum(tl.where(e > 0, e * d, 0.0), axis=1))
 
 
 @triton.jit
 def _finish_lse(m, s, t):
-    """lse and entropy from the running state of `_online_lse`."""
+    """lse and entropy from a log-sum-exp state."""
     log_s = tl.log(s)
     return m + log_s, log_s - t / s
+
+
+@triton.jit
+def _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD: tl.constexpr):
+    """d loss / d raw logits of one tile: (g_logp (1[v = y] - p) - g_ent p (log p + H)) / temperature."""
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    onehot = cols[None, :] == targets[:, None]
+    grad = g_logp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    if HAS_ENT_GRAD:
+        # p underflows to 0 in absent columns, where log p is -inf.
+        grad -= g_ent[:, None] * tl.where(p > 0, p * (log_p + entropy[:, None]), 0.0)
+    return grad * inv_temperature
 
 
 @triton.jit
@@ -64,6 +83,22 @@ def _row_block(row_idx_ptr, n_valid_ptr, start, N, BLOCK_N: tl.constexpr, HAS_RO
         rows = pos
     active = pos < n_valid
     return pos, rows, in_range, active, n_valid
+
+
+def check_rows(N: int, device, targets, row_idx, n_valid) -> None:
+    """Validate the per-token index inputs every launcher takes."""
+    if targets.shape != (N,) or targets.dtype != torch.int64 or not targets.is_contiguous():
+        raise ValueError(f"targets must be contiguous int64 [{N}], got {targets.dtype} {tuple(targets.shape)}")
+    if (row_idx is None) != (n_valid is None):
+        raise ValueError("row_idx and n_valid must be given together")
+    if row_idx is not None:
+        if row_idx.shape != (N,) or row_idx.dtype != torch.int64 or not row_idx.is_contiguous():
+            raise ValueError(f"row_idx must be contiguous int64 [{N}], got {row_idx.dtype} {tuple(row_idx.shape)}")
+        if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"n_valid must be a one-element int32/int64 tensor, got {n_valid.dtype} {n_valid.shape}")
+    for name, t in (("targets", targets), ("row_idx", row_idx), ("n_valid", n_valid)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 def pick_config(configs, V: int, H: int = 0):

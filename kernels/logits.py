@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _finish_lse, _online_lse, _row_block, launch
-from .hidden import _grad_tile
-from .terms import _terms_epilogue, terms_kwargs
+from ._common import _grad_tile, _online_lse, _row_block, check_rows, launch
+from .terms import _finish_rows, terms_kwargs
 
 LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -64,17 +63,11 @@ def _logits_fwd_kernel(
         z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
         m, s, t = _online_lse(m, s, t, z)
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    lse, entropy = _finish_lse(m, s, t)
-    logp = tl.where(active, z_target - lse, 0.0)
-    tl.store(logp_ptr + rows, logp, mask=in_range)
-    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_range)
-    if STORE_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_range)
-    if HAS_TERMS:
-        _terms_epilogue(
-            logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-            lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
-        )
+    _finish_rows(
+        m, s, t, z_target, rows, in_range, active, logp_ptr, lse_ptr, entropy_ptr,
+        adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr, lo, hi, delta, tau_pos, tau_neg, beta,
+        STORE_ENTROPY, HAS_TERMS, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+    )
 
 
 @triton.jit
@@ -118,18 +111,7 @@ def _check(logits, targets, row_idx, n_valid):
         raise ValueError(f"logits must have one of {LOGIT_DTYPES}, got {logits.dtype}")
     if V < 1:
         raise ValueError(f"logits must have V >= 1, got {tuple(logits.shape)}")
-    if targets.shape != (N,) or targets.dtype != torch.int64 or not targets.is_contiguous():
-        raise ValueError(f"targets must be contiguous int64 [{N}], got {targets.dtype} {tuple(targets.shape)}")
-    if (row_idx is None) != (n_valid is None):
-        raise ValueError("row_idx and n_valid must be given together")
-    if row_idx is not None:
-        if row_idx.shape != (N,) or row_idx.dtype != torch.int64 or not row_idx.is_contiguous():
-            raise ValueError(f"row_idx must be contiguous int64 [{N}], got {row_idx.dtype} {tuple(row_idx.shape)}")
-        if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"n_valid must be a one-element int32/int64 tensor, got {n_valid.dtype} {tuple(n_valid.shape)}")
-    for name, t in (("targets", targets), ("row_idx", row_idx), ("n_valid", n_valid)):
-        if t is not None and t.device != logits.device:
-            raise ValueError(f"{name} must be on {logits.device}, got {t.device}")
+    check_rows(N, logits.device, targets, row_idx, n_valid)
     return N, V
 
 
@@ -181,7 +163,7 @@ def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=
     if out is None:
         out = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
     elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
-        raise ValueError(f"out must match logits ({logits.dtype} {tuple(logits.shape)}), got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(f"out must match logits ({logits.dtype} {logits.shape}), got {out.dtype} {out.shape}")
     inplace = out.data_ptr() == logits.data_ptr()
     if inplace and out.stride() != logits.stride():
         raise ValueError("out must have the logits' strides when it shares their storage")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import _finish_lse, interpreting
 
 GATE_CLIP, GATE_SOFT, GATE_TRUNCATED = 0, 1, 2
 KL_NONE, KL_K1, KL_K2, KL_K3 = 0, 1, 2, 3
@@ -131,6 +131,29 @@ def _terms_epilogue(
 
 
 @triton.jit
+def _finish_rows(
+    m, s, t, z_target, rows, in_range, active,
+    logp_ptr, lse_ptr, entropy_ptr,
+    adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+    lo, hi, delta, tau_pos, tau_neg, beta,
+    STORE_ENTROPY: tl.constexpr, HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+):
+    """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state."""
+    lse, entropy = _finish_lse(m, s, t)
+    logp = tl.where(active, z_target - lse, 0.0)
+    tl.store(logp_ptr + rows, logp, mask=in_range)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_range)
+    if STORE_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_range)
+    if HAS_TERMS:
+        _terms_epilogue(
+            logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+            lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        )
+
+
+@triton.jit
 def _token_terms_kernel(
     logp_ptr, valid_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
@@ -179,8 +202,8 @@ class TermsArgs:
             t = getattr(self, name)
             if t is None:
                 continue
-            if t.shape != (N,) or t.dtype != torch.float32 or t.device != device:
-                raise ValueError(f"{name} must be float32 [{N}] on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            if t.shape != (N,) or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous float32 [{N}] on {device}, got {t.dtype} {t.shape}")
         if self.gate not in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED):
             raise ValueError(f"gate must be one of GATE_CLIP, GATE_SOFT, GATE_TRUNCATED, got {self.gate!r}")
         if self.kl not in (KL_NONE, KL_K1, KL_K2, KL_K3):

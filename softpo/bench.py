@@ -448,7 +448,7 @@ def plot(doc: dict, out_dir: Path, stem: str) -> list[Path]:
     families: dict[str, list] = {}
     for r in doc["results"]:
         case = cases.get(r["case"])
-        if r["status"] == "ok" and case and case["B"] > 1:
+        if r["status"] == "ok" and case:
             families.setdefault(case["family"], []).append((case["N"], r))
     written = []
     for family, points in sorted(families.items()):
@@ -461,10 +461,11 @@ def plot(doc: dict, out_dir: Path, stem: str) -> list[Path]:
                 continue
             ns = [n for n, _ in mine]
             ax_t.plot(ns, [r["time_median_s"] * 1e3 for _, r in mine], marker="o", label=name)
-            ax_m.plot(ns, [max(r["peak_mem_bytes"], 0) / MIB for _, r in mine], marker="o", label=name)
+            # A log axis needs positive values; peaks under 0.1 MiB are below what RSS resolves anyway.
+            ax_m.plot(ns, [max(r["peak_mem_bytes"] / MIB, 0.1) for _, r in mine], marker="o", label=name)
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
             ax.set_xscale("log", base=2)
-            ax.set_yscale("symlog" if ax is ax_m else "log")
+            ax.set_yscale("log")
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
@@ -512,6 +513,8 @@ def parse_args(argv):
     parser.add_argument("--case-timeout", type=float, default=1800, help="seconds per isolated (case, provider)")
     parser.add_argument("--bench-dir", default=None, help="the directory holding providers.py")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="only rewrite the table and plots of a recorded JSON file, next to it")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -522,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         cpu_memory_setup()
         print(WORKER_MARK + json.dumps(_worker(json.loads(sys.stdin.read()))), flush=True)
+        return 0
+    if args.render:
+        path = Path(args.render)
+        doc = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(doc))
+        pngs = plot(doc, path.parent, path.stem)
+        print(f"wrote {path.with_suffix('.md')} and {len(pngs)} plots")
         return 0
     from tqdm import tqdm
 

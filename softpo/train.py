@@ -283,7 +283,7 @@ def load_balancing(router, valid, num_experts, k):
     return aux, load
 
 
-def reduce_metrics(values: dict, world: int) -> dict:
+def reduce_metrics(values: dict, world: int, device) -> dict:
     """Average across minibatches (lists) and ranks; *_min and *_max keep their extreme."""
     out = {}
     for key, items in sorted(values.items()):
@@ -292,7 +292,7 @@ def reduce_metrics(values: dict, world: int) -> dict:
     if world > 1:
         for suffix, op in (("_min", dist.ReduceOp.MIN), ("_max", dist.ReduceOp.MAX), ("", dist.ReduceOp.SUM)):
             keys = [k for k in out if k.endswith(suffix) and (suffix or not k.endswith(("_min", "_max")))]
-            buffer = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+            buffer = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
             dist.all_reduce(buffer, op=op)
             for key, value in zip(keys, buffer.tolist()):
                 out[key] = value / world if not suffix else value
@@ -547,7 +547,7 @@ def train(args) -> int:
                     logged.setdefault(key, []).append(value.item())
 
         # ---- metrics, progress, checkpoint
-        metrics = reduce_metrics(logged, world)
+        metrics = reduce_metrics(logged, world, device)
         tokens = mask.sum().float()
         all_rewards = rewards
         if world > 1:

@@ -83,9 +83,9 @@ class HiddenLogprobFunction(torch.autograd.Function):
         g_logp = _grad_logp(g_out, coef, lse)
         d_hidden = d_weight = None
         if need_hidden:
-            d_hidden = K.hidden_logprob_bwd_dh(hidden, weight, targets, lse, g_logp, **sweep).to(hidden.dtype)
+            d_hidden = K.hidden_logprob_bwd_dh(hidden, weight, targets, lse, g_logp, **sweep)
         if need_weight:
-            d_weight = K.hidden_logprob_bwd_dw(hidden, weight, targets, lse, g_logp, **sweep).to(weight.dtype)
+            d_weight = K.hidden_logprob_bwd_dw(hidden, weight, targets, lse, g_logp, **sweep)
         return d_hidden, d_weight, None
 
 
@@ -131,7 +131,9 @@ class LogitsLogprobFunction(torch.autograd.Function):
 def _check_inplace(logits: torch.Tensor):
     if not logits.requires_grad:
         return
-    if logits.grad_fn is None:
+    # A view's storage belongs to its base: writing through a view of a leaf overwrites the leaf.
+    base = logits if logits._base is None else logits._base
+    if logits.grad_fn is None or base.grad_fn is None:
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor's data with its gradient; "
             "pass logits produced by an autograd op (e.g. the lm_head matmul), or inplace_backward=False"
@@ -146,7 +148,7 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if valid is not None and (valid.dtype != torch.bool or valid.shape != targets.shape):
-        raise ValueError(f"valid must be bool with targets' shape {tuple(targets.shape)}, got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(f"valid must be bool with targets' shape {targets.shape}, got {valid.dtype} {valid.shape}")
     row_idx, n_valid = _row_order(valid)
     sweep = Sweep(
         targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms
@@ -180,7 +182,9 @@ def triton_token_logprobs(
     differentiable; masked tokens give 0 and no gradient. inplace_backward=True (logits only) writes
     d logits over the logits' storage during backward.
     """
-    logp, entropy, _ = _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None)
+    logp, entropy, _ = _sweep(
+        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None
+    )
     return logp, entropy
 
 

@@ -32,7 +32,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def _case(N, H, V, dtype, why, **extra):
-    tags = "".join(f"-{v if isinstance(v, str) else k}" for k, v in extra.items() if v)
+    tags = "".join(f"-{v if isinstance(v, str) else k}" for k, v in extra.items() if v and k != "splits")
+    tags += f"-split{extra['splits']}" if extra.get("splits") else ""
     return pytest.param(N, H, V, dtype, extra, id=f"N{N}-H{H}-V{V}-{DTYPE_NAMES[dtype]}{tags}", marks=())
 
 
@@ -40,6 +41,7 @@ SHAPES = [
     _case(1, 16, 1, torch.float32, "one token, one-word vocabulary: logp is exactly 0"),
     _case(1, 8, 1000, torch.bfloat16, "one token, H below one tile"),
     _case(63, 40, 97, torch.bfloat16, "odd H and V, ragged last tiles both ways", masked=True),
+    _case(45, 40, 300, torch.float16, "vocabulary split over 3 programs per token block", masked=True, splits=3),
     _case(63, 64, 1000, torch.float16, "many vocabulary tiles", masked=True),
     _case(33, 40, 1000, torch.float32, "strided hidden and transposed weight", noncontig=True, masked=True),
     _case(17, 24, 97, torch.bfloat16, "every token masked", all_masked=True),
@@ -105,8 +107,15 @@ def _check_all(out, ref, gt, dtype, names):
         assert_close_to_gt(o, r, e, dtype, name)
 
 
+def _split_vocabulary(monkeypatch, splits):
+    # On a GPU the forward splits the vocabulary when tokens are few; force it under the interpreter.
+    monkeypatch.setattr(K.hidden, "_vocab_splits", lambda *args: splits)
+
+
 @pytest.mark.parametrize("N,H,V,dtype,extra", SHAPES)
-def test_hidden_path_matches_reference(N, H, V, dtype, extra):
+def test_hidden_path_matches_reference(monkeypatch, N, H, V, dtype, extra):
+    if extra.get("splits"):
+        _split_vocabulary(monkeypatch, extra["splits"])
     hidden, weight, targets, valid, g_logp, g_entropy = _inputs(N, H, V, extra)
     temperature = 0.7
 
@@ -161,17 +170,28 @@ def test_logits_path_matches_reference(N, H, V, dtype, extra):
 
 
 @pytest.mark.skipif(not CUDA, reason="the 65,535 grid-axis limit exists only compiled; too slow interpreted")
-def test_logits_path_many_rows():
-    N, V = 140_000, 64
+@pytest.mark.parametrize("path,N,H,V", [
+    pytest.param("logits", 600_000, 0, 64, id="logits-N600000"),  # > 65,535 blocks of 8 rows
+    pytest.param("hidden", 2_200_000, 16, 8, id="hidden-N2200000"),  # > 65,535 blocks of 32 rows
+])
+def test_many_rows(path, N, H, V):
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    logits = torch.randn(N, V, generator=g, device=DEVICE, requires_grad=True)
     targets = torch.randint(0, V, (N,), generator=g, device=DEVICE)
-    logp, _ = triton_token_logprobs(targets, logits=logits)
+    if path == "logits":
+        x = torch.randn(N, V, generator=g, device=DEVICE, requires_grad=True)
+        logp, _ = triton_token_logprobs(targets, logits=x)
+        z = x.detach().double()
+    else:
+        x = torch.randn(N, H, generator=g, device=DEVICE, requires_grad=True)
+        weight = torch.randn(V, H, generator=g, device=DEVICE)
+        logp, _ = triton_token_logprobs(targets, hidden=x, weight=weight)
+        z = x.detach().double() @ weight.double().T
     logp.sum().backward()
-    ref = torch.log_softmax(logits.detach().double(), -1)
-    assert torch.allclose(logp.double(), ref.gather(1, targets[:, None])[:, 0], atol=1e-5)
-    expected = torch.nn.functional.one_hot(targets, V) - ref.exp()
-    assert torch.allclose(logits.grad.double(), expected, atol=1e-5)
+    log_p = torch.log_softmax(z, -1)
+    assert (logp.double() - log_p.gather(1, targets[:, None])[:, 0]).abs().max() < 1e-4
+    d_z = torch.nn.functional.one_hot(targets, V) - log_p.exp()
+    expected = d_z if path == "logits" else d_z @ weight.double()
+    assert (x.grad.double() - expected).abs().max() < 1e-3
 
 
 def test_masked_tokens_are_skipped_even_when_not_finite():
@@ -270,6 +290,21 @@ def test_deterministic():
             assert torch.equal(a, b), path
 
 
+def test_d_weight_chunking_changes_nothing(monkeypatch):
+    # The fp32 scratch for d weight covers 40 vocabulary rows at a time: 97 rows take three chunks,
+    # and each element's sum keeps its order, so the result is bitwise the one of a single chunk.
+    hidden, weight, targets, valid, g_logp, _ = _inputs(30, 24, 97, {"masked": True})
+    hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    row_idx = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
+    n_valid = valid.sum().reshape(1)
+    lse = K.hidden_logprob_fwd(hidden, weight, targets, row_idx=row_idx, n_valid=n_valid)[1]
+    args = (hidden, weight, targets, lse, g_logp.float())
+    whole = K.hidden_logprob_bwd_dw(*args, row_idx=row_idx, n_valid=n_valid)
+    monkeypatch.setattr(K.hidden, "DW_SCRATCH_BYTES", 40 * 24 * 4)
+    chunked = K.hidden_logprob_bwd_dw(*args, row_idx=row_idx, n_valid=n_valid)
+    assert whole.dtype == torch.bfloat16 and torch.equal(whole, chunked)
+
+
 def _inplace_logits(N=30, V=97):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(N, V, generator=g).to(DEVICE).requires_grad_()
@@ -302,6 +337,8 @@ def test_inplace_backward_refuses_when_autograd_still_needs_the_logits():
     # A leaf's data belongs to the caller: refused up front.
     with pytest.raises(ValueError, match="leaf"):
         triton_token_logprobs(targets, logits=base, inplace_backward=True)
+    with pytest.raises(ValueError, match="leaf"):
+        triton_token_logprobs(targets[:20], logits=base[:20], inplace_backward=True)
     with pytest.raises(ValueError, match="logits path only"):
         triton_token_logprobs(targets, hidden=base, weight=base, inplace_backward=True)
     # Logits changed between forward and backward: the saved-tensor check catches it.
@@ -344,7 +381,10 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("config,path,dtype,options", FUSED_CASES)
-def test_fused_terms_match_token_terms(config, path, dtype, options):
+def test_fused_terms_match_token_terms(monkeypatch, config, path, dtype, options):
+    # The hidden path here runs split over the vocabulary, so the epilogue runs in the combine kernel;
+    # test_policy_loss_through_triton covers it at the end of the unsplit sweep.
+    _split_vocabulary(monkeypatch, 2)
     N, H, V = 45, 24, 97
     hidden, weight, targets, valid, g_terms, g_entropy = _inputs(N, H, V, {"masked": True}, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -427,7 +467,9 @@ def test_fused_rejects_sequence_level_configs():
     hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
     adv = torch.zeros(4, device=DEVICE)
     with pytest.raises(ValueError, match="token-level"):
-        triton_fused_token_terms(softpo.GSPO, targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv)
+        triton_fused_token_terms(
+            softpo.GSPO, targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
+        )
     with pytest.raises(ValueError, match="ref_logp"):
         triton_fused_token_terms(
             softpo.GRPO.replace(beta=0.1), targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
@@ -438,7 +480,6 @@ def test_fused_rejects_sequence_level_configs():
 # compiler rejects (types of loop bounds, dot shapes, constexpr branches), so CI checks both.
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import itertools
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -458,7 +499,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 signature[name] = "*" + dtype
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
-            elif name in ("N", "V", "H") or name.startswith("stride"):
+            elif name in ("N", "V", "H", "v_start", "n_splits") or name.startswith("stride"):
                 signature[name] = "i32"
             else:
                 signature[name] = "fp32"
@@ -471,19 +512,24 @@ _COMPILE_SCRIPT = textwrap.dedent(
         dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=2, KL_RATIO=False),
         dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True),
     ]
-    for dtype, precision, table in (("bf16", "tf32", None), ("fp32", "tf32x3", hidden._FP32_CONFIGS)):
-        fwd = (table or hidden._FWD_CONFIGS)[1][2]
-        for flags in [no_terms] + all_terms:
-            compile_kernel(hidden._hidden_fwd_kernel, fwd, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
-                           DOT_PRECISION=precision, **flags)
-        for kernel, configs in ((hidden._hidden_bwd_dh_kernel, hidden._DH_CONFIGS),
-                                (hidden._hidden_bwd_dw_kernel, hidden._DW_CONFIGS)):
-            for row_idx, ent in itertools.product((False, True), repeat=2):
-                compile_kernel(kernel, (table or configs)[1][2], dtype, HAS_ROW_IDX=row_idx, HAS_ENT_GRAD=ent,
+    cases = (("bf16", "tf32", hidden._FWD_CONFIGS, hidden._DH_CONFIGS, hidden._DW_CONFIGS, [no_terms] + all_terms),
+             ("fp32", "tf32x3", hidden._FP32_FWD_CONFIGS, hidden._FP32_BWD_CONFIGS, hidden._FP32_BWD_CONFIGS,
+              all_terms[:1]))
+    for dtype, precision, fwd, dh, dw, term_flags in cases:
+        for flags in term_flags:
+            compile_kernel(hidden._hidden_fwd_kernel, fwd[1][2], dtype,
+                           HAS_ROW_IDX=True, SPLIT=False, STORE_ENTROPY=True, DOT_PRECISION=precision, **flags)
+        compile_kernel(hidden._hidden_fwd_kernel, fwd[1][2], dtype,
+                       HAS_ROW_IDX=False, SPLIT=True, STORE_ENTROPY=True, DOT_PRECISION=precision, **no_terms)
+        for kernel, configs in ((hidden._hidden_bwd_dh_kernel, dh), (hidden._hidden_bwd_dw_kernel, dw)):
+            for row_idx in (False, True):
+                compile_kernel(kernel, configs[1][2], dtype, HAS_ROW_IDX=row_idx, HAS_ENT_GRAD=row_idx,
                                DOT_PRECISION=precision)
-    for _, _, config in logits._CONFIGS[:2]:
-        compile_kernel(logits._logits_fwd_kernel, config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **all_terms[0])
-        compile_kernel(logits._logits_bwd_kernel, config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
+    config = logits._CONFIGS[1][2]
+    compile_kernel(logits._logits_fwd_kernel, config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **all_terms[0])
+    compile_kernel(logits._logits_bwd_kernel, config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
+    compile_kernel(hidden._lse_combine_kernel, None, "fp32", HAS_ROW_IDX=True, STORE_ENTROPY=True, BLOCK_N=128,
+                   **all_terms[2])
     compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
     print("compiled")
     """
@@ -494,5 +540,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
