@@ -113,7 +113,7 @@ def _flat(tensor):
     return None if tensor is None else tensor.reshape(-1)
 
 
-def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid):
+def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False):
     if logits is not None:
         logits = logits.reshape(-1, logits.shape[-1])
     else:
@@ -122,6 +122,7 @@ def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entro
         return _triton_ops().triton_token_logprobs(
             flat_targets, hidden=hidden, weight=weight, logits=logits,
             temperature=temperature, return_entropy=return_entropy, valid=valid,
+            inplace_backward=inplace_backward,
         )
     return chunked_token_logprobs(
         flat_targets, hidden=hidden, weight=weight, logits=logits,
@@ -138,6 +139,7 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     impl: str = "auto",
+    inplace_backward: bool = False,
 ):
     """log softmax(z / temperature)[target] per token, without a tokens x vocabulary tensor.
 
@@ -149,6 +151,9 @@ def token_logprobs(
         temperature: z is divided by it, as in sampling.
         return_entropy: also return the entropy of softmax(z / temperature) per token.
         impl: "auto" (Triton for CUDA tensors, chunked torch otherwise), "torch" or "triton".
+        inplace_backward: logits path on the Triton kernels only: the backward writes d logits over
+            the logits' storage, saving one tokens x vocabulary buffer. Refused for leaf logits; any
+            other autograd node that saved the logits then raises instead of reading gradients.
 
     Returns:
         logp [...] fp32, or (logp, entropy) when return_entropy; differentiable with respect to
@@ -158,8 +163,11 @@ def token_logprobs(
     temperature = _check_temperature(temperature)
     _check_target_range(targets, V)
     path = _resolve_impl(impl, targets.device)
+    if inplace_backward and (logits is None or path != "triton"):
+        raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
     logp, entropy = _sweep(
-        path, targets.reshape(-1).long(), hidden, weight, logits, temperature, return_entropy, None
+        path, targets.reshape(-1).long(), hidden, weight, logits, temperature, return_entropy, None,
+        inplace_backward,
     )
     logp = logp.view(targets.shape)
     if return_entropy:

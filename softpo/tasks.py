@@ -4,10 +4,12 @@ The built-in task must be learnable by RL from a randomly initialized model in m
 its reward has signal from the first step: partial credit per position, not all-or-nothing.
 
 count: the prompt is a run of 1 to 4 consecutive digits counting up modulo 10 ("7", "456", "8901");
-the answer continues the run for 4 more digits ("8901", "7890", "2345") and stops. The reward is the
-number of positions where the completion matches the answer, divided by the longer of the two, so a
-random digit earns about 0.1 per position, a right-length answer with two right digits earns 0.5, and
-extra or missing digits cost credit.
+the completion should continue the run for 4 more digits and stop ("8901", "7890", "2345"). Credit
+goes to each step that counts up by one: a character earns it when it is the digit one more (mod 10)
+than the character before it (the prompt's last digit, for the first). The reward is the credited
+steps over the longer of 4 and the completion's length, so only the exact answer scores 1, extra
+characters cost credit, a slip costs its own step and not the rest, and a random digit earns about
+0.1 per position from the first step on.
 
 A reward function takes the prompts and the completions (decoded text, special tokens removed) and
 returns one float per completion; `--reward module:function` loads any function with that signature.
@@ -55,19 +57,22 @@ def count_answer(prompt: str) -> str:
     return "".join(str((last + i) % 10) for i in range(1, ANSWER_LENGTH + 1))
 
 
-def position_credit(answer: str, completion: str) -> float:
-    """Matches position by position over the longer of the two strings: 1 only for the exact answer."""
-    if not answer and not completion:
-        return 1.0
-    matches = sum(a == c for a, c in zip(answer, completion))
-    return matches / max(len(answer), len(completion))
+def counting_credit(prompt: str, completion: str) -> float:
+    """Steps that count up by one, over the longer of ANSWER_LENGTH and len(completion)."""
+    previous = int(prompt.strip()[-1])
+    credited = 0
+    for character in completion[:ANSWER_LENGTH]:
+        digit = int(character) if character.isdigit() else None
+        credited += previous is not None and digit == (previous + 1) % 10
+        previous = digit
+    return credited / max(ANSWER_LENGTH, len(completion))
 
 
 def count_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """Reward of the count task in [0, 1] with partial credit (see the module docstring)."""
     if len(prompts) != len(completions):
         raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and {len(completions)}")
-    return [position_credit(count_answer(p), c.strip()) for p, c in zip(prompts, completions)]
+    return [counting_credit(p, c.strip()) for p, c in zip(prompts, completions)]
 
 
 @dataclass(frozen=True)

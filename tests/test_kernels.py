@@ -544,3 +544,17 @@ def test_kernels_compile_for_sm90():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+def test_public_token_logprobs_inplace_backward():
+    base, targets = _inplace_logits()
+    grads = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        logits = leaf * 1.0  # not a leaf: its storage may hold the gradient
+        logp = softpo.token_logprobs(targets, logits=logits, impl="triton", inplace_backward=inplace)
+        logp.sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        softpo.token_logprobs(targets, logits=base, impl="torch", inplace_backward=True)
