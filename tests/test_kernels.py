@@ -550,11 +550,12 @@ def test_public_token_logprobs_inplace_backward():
     base, targets = _inplace_logits()
     grads = []
     for inplace in (False, True):
-        leaf = base.clone().requires_grad_()
+        leaf = base.detach().clone().requires_grad_()
         logits = leaf * 1.0  # not a leaf: its storage may hold the gradient
         logp = softpo.token_logprobs(targets, logits=logits, impl="triton", inplace_backward=inplace)
         logp.sum().backward()
         grads.append(leaf.grad)
+    assert grads[0] is not None and bool(grads[0].abs().sum() > 0)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="inplace_backward"):
         softpo.token_logprobs(targets, logits=base, impl="torch", inplace_backward=True)
