@@ -4,12 +4,15 @@ The built-in task must be learnable by RL from a randomly initialized model in m
 its reward has signal from the first step: partial credit per position, not all-or-nothing.
 
 count: the prompt is a run of 1 to 4 consecutive digits counting up modulo 10 ("7", "456", "8901");
-the completion should continue the run for 4 more digits and stop ("8901", "7890", "2345"). Credit
-goes to each step that counts up by one: a character earns it when it is the digit one more (mod 10)
-than the character before it (the prompt's last digit, for the first). The reward is the credited
-steps over the longer of 4 and the completion's length, so only the exact answer scores 1, extra
-characters cost credit, a slip costs its own step and not the rest, and a random digit earns about
-0.1 per position from the first step on.
+the completion should continue the run for 4 more digits and stop ("8901", "7890", "2345"). The
+reward is the mean of two partial credits, each over the longer of 4 and the completion's length:
+- answer: the positions where the completion matches the answer;
+- counting: the steps that count up by one, where a character earns credit when it is the digit one
+  more (mod 10) than the character before it (the prompt's last digit, for the first), so a slip
+  costs its own step and not the rest.
+Only the exact answer scores 1, extra characters cost credit, and random digits earn about 0.1 per
+position from the first step on. The counting credit alone would pay 0.75 for a constant "5678"
+whatever the prompt, a trap that RL from scratch can fall into; the answer credit halves that.
 
 A reward function takes the prompts and the completions (decoded text, special tokens removed) and
 returns one float per completion; `--reward module:function` loads any function with that signature.
@@ -57,6 +60,12 @@ def count_answer(prompt: str) -> str:
     return "".join(str((last + i) % 10) for i in range(1, ANSWER_LENGTH + 1))
 
 
+def answer_credit(answer: str, completion: str) -> float:
+    """Positions where the completion matches the answer, over the longer of the two."""
+    matches = sum(a == c for a, c in zip(answer, completion))
+    return matches / max(len(answer), len(completion), 1)
+
+
 def counting_credit(prompt: str, completion: str) -> float:
     """Steps that count up by one, over the longer of ANSWER_LENGTH and len(completion)."""
     previous = int(prompt.strip()[-1])
@@ -71,8 +80,13 @@ def counting_credit(prompt: str, completion: str) -> float:
 def count_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """Reward of the count task in [0, 1] with partial credit (see the module docstring)."""
     if len(prompts) != len(completions):
-        raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and {len(completions)}")
-    return [counting_credit(p, c.strip()) for p, c in zip(prompts, completions)]
+        raise ValueError(
+            f"prompts and completions must have the same length, got {len(prompts)} and {len(completions)}"
+        )
+    return [
+        (answer_credit(count_answer(p), c.strip()) + counting_credit(p, c.strip())) / 2
+        for p, c in zip(prompts, completions)
+    ]
 
 
 @dataclass(frozen=True)

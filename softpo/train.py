@@ -1,7 +1,7 @@
 """`softpo train`: a thin RL loop for Mixture-of-Experts (and any causal) language models.
 
 With no arguments it trains a small random-init Qwen3-MoE (8 experts, top-2 routing) on the built-in
-`count` task (softpo/tasks.py) with SAPO, offline, on a CPU, in a few minutes, and the reward climbs.
+`count` task (softpo/tasks.py) with SAPO, offline, on a CPU, in about a minute, and the reward climbs.
 
 One step:
   prompts -> G samples per prompt (`model.generate`, temperature T) -> rewards -> group advantages
@@ -18,9 +18,9 @@ Simplifications, on purpose:
 - The reference policy is a frozen full copy of the initial weights.
 - For SPO, q0 of a prompt comes from the rewards of its own G samples in the same step.
 - Data parallel (torchrun) averages gradients with one all-reduce per update: what DDP does, minus
-  bucketing and overlap. DDP's reducer assumes every parameter takes part in its module's forward,
-  which neither lm_head (used by the loss, outside the forward) nor an MoE expert that got no token
-  on one rank does.
+  bucketing and overlap. DDP's reducer expects each parameter to be used by its module's forward
+  (or searches the graph every step with find_unused_parameters); here lm_head is used by the loss,
+  outside the forward, and an MoE expert may get no token on a rank.
 - Checkpoints keep the latest state only.
 """
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="text file, one prompt per line (default: the task's prompts)")
     g.add_argument("--reward", help="module:function taking (prompts, completions) and returning floats "
                    "(default: the task's reward)")
-    g.add_argument("--prompts-per-step", type=int, default=16, help="global, split across ranks")
+    g.add_argument("--prompts-per-step", type=int, default=32, help="global, split across ranks")
     g.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
     g.add_argument("--max-new-tokens", type=int, help="default: the task's")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in every log-prob")
@@ -83,15 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon-high", type=float)
     g.add_argument("--entropy-coef", type=float)
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other LossConfig field, value as JSON (repeatable): --set delta=3 --set kl_estimator=\"k1\"")
+                   help="any other LossConfig field, value as JSON (repeatable): "
+                   "--set delta=3 --set kl_estimator='\"k1\"'")
     g.add_argument("--scale-rewards", choices=("group", "none"),
                    help="divide advantages by the group's reward std (default: none for dr_grpo, group otherwise)")
-    g.add_argument("--router-aux-coef", type=float, help="load-balancing loss coefficient (default: the model config's)")
+    g.add_argument("--router-aux-coef", type=float,
+                   help="load-balancing loss coefficient (default: the model config's)")
     g.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto",
                    help="softpo path: auto = Triton kernels on CUDA, chunked torch otherwise")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--steps", type=int, default=400)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per epoch over one rollout")
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--threads", type=int, help="CPU threads per process (default 1: the built-in model is too "
-                   "small to gain from more, and oversubscribed threads on a busy machine slow it tenfold)")
+                   "small to gain from more, and oversubscribed threads on a busy machine slow it over tenfold)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -246,7 +248,8 @@ def rollout(model, tokenizer, prompts, args, device):
         "targets": completion,
         "mask": mask,
         "prompt_length": prompt_ids.shape[1],
-        "texts": tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True),
+        "texts": tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id),
+                                        skip_special_tokens=True),
     }
 
 
@@ -342,7 +345,11 @@ def plot(run_dir, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward_mean", "reward"), ("loss", "loss"), ("entropy", "entropy"), ("kl", "KL to reference"),
+    # The fourth panel shows the KL to the reference when there is one, else the gate's statistic.
+    present = [key for key in ("kl", "gate_weight", "clip_fraction") if any(r.get(key) is not None for r in rows)]
+    gate = (present or ["kl"])[0]
+    titles = {"kl": "KL to reference", "gate_weight": "SAPO gate weight", "clip_fraction": "clip fraction"}
+    panels = [("reward_mean", "reward"), ("loss", "loss"), ("entropy", "entropy"), (gate, titles[gate]),
               ("routing_drift", "routing drift"), ("aux_loss", "router aux loss")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     steps = [r["step"] for r in rows]
@@ -353,7 +360,7 @@ def plot(run_dir, rows):
             xs, ys = zip(*points)
             ax.plot(xs, ys, lw=0.8, alpha=0.5)
             window = max(1, len(ys) // 20)
-            smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+            smooth = [sum(ys[max(0, i - window + 1): i + 1]) / min(i + 1, window) for i in range(len(ys))]
             ax.plot(xs, smooth, lw=1.6)
         else:
             ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
@@ -364,20 +371,23 @@ def plot(run_dir, rows):
     plt.close(fig)
 
 
+class _UsageError(Exception):
+    """A bad argument found after parsing: reported in one line, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
+    except ValueError as error:
+        print(f"softpo train: error: --{error}", file=sys.stderr)
+        return 2
     try:
         return train(args)
     except _UsageError as error:
         print(f"softpo train: error: {error}", file=sys.stderr)
         return 2
-
-
-class _UsageError(Exception):
-    pass
 
 
 def train(args) -> int:
@@ -408,13 +418,18 @@ def train(args) -> int:
 
     tokenizer = build_tokenizer(args)
     model = build_model(args, tokenizer, device)
+    if world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
     reference = None
     if config.needs_ref:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     moe = bool(getattr(model.config, "num_experts_per_tok", 0))
     num_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0)
     top_k = getattr(model.config, "num_experts_per_tok", 0)
-    aux_coef = args.router_aux_coef if args.router_aux_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.001)
+    aux_coef = args.router_aux_coef
+    if aux_coef is None:
+        aux_coef = getattr(model.config, "router_aux_loss_coef", 0.001)
     scale_rewards = (args.scale_rewards or ("none" if config.name == "dr_grpo" else "group")) == "group"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -427,7 +442,8 @@ def train(args) -> int:
         checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
         if not os.path.isfile(checkpoint_path):
             raise _UsageError(f"--resume: no checkpoint.pt in {run_dir}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["world_size"] != world:
             raise _UsageError(f"--resume: the run used {state['world_size']} ranks, this one has {world}")
         model.load_state_dict(state["model"])
@@ -440,9 +456,12 @@ def train(args) -> int:
             with open(metrics_path, encoding="utf-8") as handle:
                 history = [row for row in map(json.loads, handle) if row["step"] <= start]
     else:
-        if main_rank and os.path.exists(metrics_path):
+        if os.path.exists(metrics_path):
             raise _UsageError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
         torch.manual_seed(args.seed + 1 + rank)
+    if world > 1:
+        # Every rank has checked and read the run directory before rank 0 rewrites it.
+        dist.barrier()
     if main_rank:
         os.makedirs(run_dir, exist_ok=True)
         resolved = {
@@ -504,8 +523,9 @@ def train(args) -> int:
                     old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, top_k))
                 if reference is not None:
                     hidden, _ = forward(reference, batch, rows, False)
-                    ref_logp[rows] = softpo.token_logprobs(targets[rows], hidden=hidden, weight=reference.lm_head.weight,
-                                                           temperature=args.temperature, impl=args.impl)
+                    ref_logp[rows] = softpo.token_logprobs(
+                        targets[rows], hidden=hidden, weight=reference.lm_head.weight,
+                        temperature=args.temperature, impl=args.impl)
 
         # ---- updates: minibatches x epochs, one optimizer step each
         logged = {}
@@ -586,11 +606,11 @@ def train(args) -> int:
         tenth = max(1, len(history) // 10)
         first = sum(r["reward_mean"] for r in history[:tenth]) / tenth
         last = sum(r["reward_mean"] for r in history[-tenth:]) / tenth
-        largest = max(s.stop - s.start for s in slices) * mask.shape[1]
+        largest = max(s.stop - s.start for s in slices) * args.max_new_tokens
         logits_mb = largest * model.lm_head.weight.shape[0] * 4 / 2**20
         print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
         print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if use_cuda else 'process RSS'}); "
-              f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.0f} MiB")
+              f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.1f} MiB")
         print(f"run directory: {run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
     if world > 1:
         dist.destroy_process_group()

@@ -37,9 +37,13 @@ def read_metrics(run_dir):
 
 
 def test_count_reward_partial_credit():
-    prompts = ["7", "456", "8901", "3", "3", "3", "3"]
-    completions = ["8901", "7890", "2345", "45", "456789", "x567", ""]
-    assert tasks.count_reward(prompts, completions) == [1.0, 1.0, 1.0, 0.5, 4 / 6, 0.75, 0.0]
+    prompts = ["7", "456", "8901", "3", "3", "3", "3", "3", "3"]
+    completions = ["8901", "7890", "2345", "45", "456789", "x567", "", "4667", "5678"]
+    # Mean of the answer credit (matching positions) and the counting credit (steps of +1), each over
+    # max(4, len): "x567" matches 3 positions and counts up twice (x breaks the chain), "5678" counts
+    # up 3 times from the wrong start and matches nothing.
+    expected = [1.0, 1.0, 1.0, 0.5, 4 / 6, (3 / 4 + 2 / 4) / 2, 0.0, (3 / 4 + 2 / 4) / 2, (0 + 3 / 4) / 2]
+    assert tasks.count_reward(prompts, completions) == pytest.approx(expected, abs=1e-12)
 
 
 def test_count_prompts_are_counting_runs():
@@ -142,7 +146,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     expected, got = read_metrics(whole), read_metrics(split)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(expected, got):
-        assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {k: v for k, v in b.items() if k not in TIMING_KEYS}
+        assert {k: a[k] for k in a.keys() - TIMING_KEYS} == {k: b[k] for k in b.keys() - TIMING_KEYS}
     final_whole = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
     final_split = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
@@ -179,7 +183,8 @@ def test_loss_overrides_reach_the_config(tmp_path):
     (["--set", "no_such_field=1"], "unknown LossConfig field"),
     (["--reward", "nowhere"], "module:function"),
     (["--steps", "ten"], "invalid int value"),
-], ids=["unknown-preset", "missing-dir", "zero-group", "unknown-field", "bad-reward", "not-an-int"])
+    (["--resume", "/no/such/run"], "config.json not found"),
+], ids=["unknown-preset", "missing-dir", "zero-group", "unknown-field", "bad-reward", "not-an-int", "missing-run"])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
     assert train.main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
