@@ -373,7 +373,8 @@ def device_slug(dev: dict) -> str:
 
 
 def _fmt_time(s):
-    return f"{s * 1e3:.3g}" if s < 10 else f"{s * 1e3:.0f}"
+    ms = s * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
 def _best_softpo(results_by_provider):
@@ -402,8 +403,13 @@ def markdown(doc: dict) -> str:
         "(providers marked * recompute the logits in backward, executing 8NHV); logits path counts "
         "N x V elements read forward, read + written backward, against the copy bandwidth.",
         "- x softpo: time / the fastest softpo provider on that case.",
-        "",
     ]
+    loads = [r["loadavg_1m"] for r in doc["results"] if "loadavg_1m" in r]
+    if loads:
+        cpus = dev.get("cpus") or dev.get("threads") or "?"
+        lines.append(f"- machine load (1-minute load average) while measuring: {min(loads):.1f} to {max(loads):.1f} "
+                     f"on {cpus} CPUs; other work on a shared machine slows and spreads the times")
+    lines.append("")
     by_case: dict[str, dict] = {}
     for r in doc["results"]:
         by_case.setdefault(r["case"], {})[r["provider"]] = r
