@@ -485,6 +485,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from softpo.kernels import hidden, logits, terms
 
+    SM90_MAX_SHARED = 227 * 1024
     POINTERS = {"targets_ptr": "*i64", "row_idx_ptr": "*i64", "n_valid_ptr": "*i64", "valid_ptr": "*i1"}
 
     def compile_kernel(fn, config, dtype, **flags):
@@ -504,7 +505,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
             else:
                 signature[name] = "fp32"
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
-        triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        # A config over the per-block shared memory of sm_90 compiles but fails at launch.
+        assert compiled.metadata.shared <= SM90_MAX_SHARED, (fn.__name__, config, compiled.metadata.shared)
 
     no_terms = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False)
     all_terms = [
@@ -531,6 +534,22 @@ _COMPILE_SCRIPT = textwrap.dedent(
     compile_kernel(hidden._lse_combine_kernel, None, "fp32", HAS_ROW_IDX=True, STORE_ENTROPY=True, BLOCK_N=128,
                    **all_terms[2])
     compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
+    # Every row of every config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
+    tuned = (("bf16", "tf32", hidden._FWD_CONFIGS, hidden._DH_CONFIGS, hidden._DW_CONFIGS),
+             ("fp16", "tf32", hidden._FWD_CONFIGS[1:2], hidden._DH_CONFIGS[1:2], hidden._DW_CONFIGS[1:2]),
+             ("fp32", "tf32x3", hidden._FP32_FWD_CONFIGS, hidden._FP32_BWD_CONFIGS, hidden._FP32_BWD_CONFIGS))
+    for dtype, precision, fwd, dh, dw in tuned:
+        for _, _, config in fwd:
+            compile_kernel(hidden._hidden_fwd_kernel, config, dtype, HAS_ROW_IDX=True, SPLIT=False,
+                           STORE_ENTROPY=True, DOT_PRECISION=precision, **all_terms[0])
+        for kernel, configs in ((hidden._hidden_bwd_dh_kernel, dh), (hidden._hidden_bwd_dw_kernel, dw)):
+            for _, _, config in configs:
+                compile_kernel(kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True, DOT_PRECISION=precision)
+    for _, _, config in logits._CONFIGS:
+        for dtype in ("bf16", "fp32"):
+            compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
+                           **all_terms[0])
+            compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
     print("compiled")
     """
 )
