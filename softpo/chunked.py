@@ -198,8 +198,15 @@ def _hidden_tiles(hidden, weight, acc, temperature):
 
 
 def _logits_tiles(logits, acc, temperature):
+    inv_temperature = 1.0 / temperature
+
+    def tile(rows, v0, v1):
+        # Indexing by a row tensor already copies, so the sweep may scale and overwrite the tile in place.
+        z = logits[rows, v0:v1].to(acc)
+        return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
+
     def tiles_for(rows):
-        return lambda v0, v1: logits[rows, v0:v1].to(acc) / temperature
+        return lambda v0, v1: tile(rows, v0, v1)
 
     return tiles_for
 
@@ -222,9 +229,14 @@ class ChunkedLogitsLogprob(torch.autograd.Function):
         logits, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
         args: SweepArgs = ctx.args
         d_logits = torch.zeros_like(logits)
+        # The tile gradient is linear in the incoming gradients: scaling those by the chain-rule
+        # factor 1 / temperature of z = logits / temperature saves a pass over every tile.
+        inv_temperature = 1.0 / args.temperature
+        g_logp = g_logp * inv_temperature if g_logp is not None else None
+        g_entropy = g_entropy * inv_temperature if g_entropy is not None else None
 
         def consume(rows, v0, v1, grad):
-            d_logits[rows, v0:v1] = grad.div_(args.temperature).to(logits.dtype)
+            d_logits[rows, v0:v1] = grad.to(logits.dtype)
 
         _backward_sweep(valid_rows, targets, logits.shape[1], lse_all, entropy_all, g_logp, g_entropy, args,
                         _logits_tiles(logits, lse_all.dtype, args.temperature), consume)

@@ -134,6 +134,19 @@ def test_logits_path_gradcheck_float64(small_chunks):
     assert torch.autograd.gradcheck(f, (logits,))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_path_leaves_logits_untouched(small_chunks, temperature, dtype):
+    # The sweep scales and overwrites its tiles in place; those must be copies, never the caller's logits.
+    _, _, targets = _hidden_inputs(2, 5, 8, 97, torch.float32)
+    logits = torch.randn(2, 5, 97).to(dtype).requires_grad_()
+    before = logits.detach().clone()
+    logp, entropy = softpo.token_logprobs(targets, logits=logits, temperature=temperature, return_entropy=True,
+                                          impl="torch")
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(logits.detach(), before)
+
+
 def test_shift_invariance_of_logits():
     _, _, targets = _hidden_inputs(3, 4, 8, 97, torch.float32)
     logits = torch.randn(3, 4, 97, dtype=torch.float64)
