@@ -410,6 +410,8 @@ class LigerTritonProvider(Provider):
             return missing
         if device != "cuda":
             return "Liger's Triton GRPO kernels need CUDA"
+        if case.T > 65535:
+            return f"Liger's Triton GRPO kernels launch a (B, T) grid; CUDA allows 65,535 on axis 1 (T={case.T})"
         return _peer_policy_reason("Liger", case, entropy_ok=False)
 
     def build(self, case, inputs):

@@ -7,6 +7,7 @@ sweep with a token-level objective's terms evaluated in the forward kernel's epi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,12 @@ def _check_inplace(logits: torch.Tensor):
         raise ValueError("inplace_backward=True needs logits whose elements do not overlap (no stride 0)")
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, which need not hold the tensors (a model split over
+    GPUs in one process). The backward needs no guard: autograd runs it on its gradients' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms):
     if (logits is None) == (hidden is None and weight is None):
         raise ValueError("give either logits, or hidden and weight")
@@ -156,12 +163,14 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
     if logits is not None:
         if inplace_backward:
             _check_inplace(logits)
-        return LogitsLogprobFunction.apply(logits, sweep)
+        with _on_device(targets.device):
+            return LogitsLogprobFunction.apply(logits, sweep)
     if hidden is None or weight is None:
         raise ValueError("hidden and weight must be given together")
     if inplace_backward:
         raise ValueError("inplace_backward applies to the logits path only")
-    return HiddenLogprobFunction.apply(hidden, weight, sweep)
+    with _on_device(targets.device):
+        return HiddenLogprobFunction.apply(hidden, weight, sweep)
 
 
 def triton_token_logprobs(
