@@ -17,9 +17,6 @@ def autotuning() -> bool:
     return os.environ.get("SOFTPO_AUTOTUNE", "0") == "1"
 
 
-DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
 @triton.jit
 def _lse_merge(m, s, t, m2, s2, t2):
     """Merge two log-sum-exp states of the same rows.

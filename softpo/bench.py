@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import datetime as dt
 import gc
+import importlib
 import importlib.util
 import json
 import math
@@ -336,7 +337,14 @@ def _version(*names: str) -> str | None:
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
+            pass
+        # Importable without install metadata (a source tree on PYTHONPATH): the module's own version.
+        try:
+            version = getattr(importlib.import_module(name.replace("-", "_")), "__version__", None)
+        except ImportError:
             continue
+        if version:
+            return str(version)
     return None
 
 

@@ -613,6 +613,8 @@ def train(args) -> int:
               f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.1f} MiB")
         print(f"run directory: {run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
     if world > 1:
+        # Tear down together: a rank that leaves while rank 0 still writes the plot can abort in gloo.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -8,6 +8,7 @@ sweep with a token-level objective's terms evaluated in the forward kernel's epi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,18 +53,103 @@ def _grad_logp(g_out, coef, like):
     return g.contiguous()
 
 
+# Bytes of the one vocabulary-sized buffer of the hidden path: a [tokens, V] logits tile in the inputs' dtype.
+# A larger tile gives the d-weight matmul a longer reduction (tokens) per pass over its fp32 accumulator.
+TILE_BYTES = 1 << 30
+HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _tile_rows(n: int, V: int, element_size: int) -> int:
+    rows = TILE_BYTES // (V * element_size)
+    if rows >= 256:
+        rows -= rows % 256  # whole matmul tiles
+    return max(1, min(n, rows))
+
+
+def _chunks(n: int, step: int, rows: torch.Tensor | None):
+    """Index of each chunk of the valid tokens: a slice when every token is valid, else positions."""
+    for c0 in range(0, n, step):
+        yield slice(c0, min(c0 + step, n)) if rows is None else rows[c0:c0 + step]
+
+
+def _take(t, idx):
+    if t is None:
+        return None
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
+
+
+def _put(full, idx, part):
+    if isinstance(idx, slice):
+        full[idx] = part
+    else:
+        full.index_copy_(0, idx, part)
+
+
+def _accumulate(acc, a, b):
+    """acc += a @ b with acc in fp32 for half-precision a, b, without rounding a @ b to their dtype first:
+    per-chunk rounding of d weight to bf16 adds up over the chunks."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _check_hidden(hidden, weight, targets):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
+    if hidden.dtype not in HIDDEN_DTYPES or weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share one of {HIDDEN_DTYPES}, got {hidden.dtype} and {weight.dtype}")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must have V >= 1 and H >= 1, got {tuple(weight.shape)}")
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(f"weight and targets must be on {hidden.device}, got {weight.device} and {targets.device}")
+
+
 class HiddenLogprobFunction(torch.autograd.Function):
-    """(out, entropy, logp) from hidden [N, H] and weight [V, H]; out is logp, or the terms when fused."""
+    """(out, entropy, logp) from hidden [N, H] and weight [V, H]; out is logp, or the terms when fused.
+
+    The projection runs in the matmul library on tiles of at most TILE_BYTES ([tokens, V] logits in
+    the inputs' dtype, as a plain `hidden @ weight.T` would round them), masked tokens dropped first;
+    the logits kernels sweep each tile forward and, in the backward, turn the recomputed tile into its
+    gradient in place before the two gradient matmuls. d weight accumulates over tiles in fp32.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        logp, lse, entropy, term, coef = K.hidden_logprob_fwd(
-            hidden, weight, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx,
-            n_valid=sweep.n_valid, return_entropy=sweep.return_entropy, terms=sweep.terms,
-        )
-        ctx.save_for_backward(hidden, weight, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
+        targets = sweep.targets
+        _check_hidden(hidden, weight, targets)
+        N, V = hidden.shape[0], weight.shape[0]
+        # One host sync: the number of valid tokens fixes the chunks, and masked ones cost no matmul.
+        rows = None if sweep.row_idx is None else sweep.row_idx[: int(sweep.n_valid)]
+        n = N if rows is None else rows.numel()
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        logp, lse = torch.zeros(N, **f32), torch.zeros(N, **f32)
+        entropy = torch.zeros(N, **f32) if sweep.return_entropy else None
+        term = coef = None
+        if sweep.terms is not None:
+            term, coef = torch.zeros(N, **f32), torch.zeros(N, **f32)
+        per_token = ("advantages", "old_logp", "ref_logp", "is_weight")
+        step = _tile_rows(n, V, hidden.element_size())
+        tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device) if n else None
+        for idx in _chunks(n, step, rows):
+            h = _take(hidden, idx)
+            z = tile[: h.shape[0]]
+            torch.mm(h, weight.T, out=z)
+            terms = sweep.terms and dataclasses.replace(
+                sweep.terms, **{name: _take(getattr(sweep.terms, name), idx) for name in per_token}
+            )
+            outs = K.logits_logprob_fwd(z, _take(targets, idx), temperature=sweep.temperature,
+                                        return_entropy=sweep.return_entropy, terms=terms)
+            for full, part in zip((logp, lse, entropy, term, coef), outs):
+                if full is not None:
+                    _put(full, idx, part)
+        ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy, coef)
         ctx.temperature = sweep.temperature
         if term is None:
             return logp, entropy, None
@@ -73,20 +159,34 @@ class HiddenLogprobFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_entropy, _g_logp):
-        hidden, weight, targets, row_idx, n_valid, lse, entropy, coef = ctx.saved_tensors
+        hidden, weight, targets, rows, lse, entropy, coef = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         if (g_out is None and g_entropy is None) or not (need_hidden or need_weight):
             return None, None, None
-        sweep = dict(
-            entropy=entropy, g_entropy=None if g_entropy is None else g_entropy.float().contiguous(),
-            temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid,
-        )
         g_logp = _grad_logp(g_out, coef, lse)
-        d_hidden = d_weight = None
-        if need_hidden:
-            d_hidden = K.hidden_logprob_bwd_dh(hidden, weight, targets, lse, g_logp, **sweep)
+        g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
+        N, V = hidden.shape[0], weight.shape[0]
+        n = N if rows is None else rows.numel()
+        # Masked tokens keep a zero gradient.
+        d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        step = _tile_rows(n, V, hidden.element_size())
+        tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device) if n else None
+        for idx in _chunks(n, step, rows):
+            h = _take(hidden, idx)
+            z = tile[: h.shape[0]]
+            torch.mm(h, weight.T, out=z)
+            K.logits_logprob_bwd(
+                z, _take(targets, idx), _take(lse, idx), _take(g_logp, idx), entropy=_take(entropy, idx),
+                g_entropy=_take(g_entropy, idx), temperature=ctx.temperature, out=z,
+            )
+            if need_hidden:
+                _put(d_hidden, idx, z @ weight)
+            if need_weight:
+                _accumulate(d_weight, z.T, h)
         if need_weight:
-            d_weight = K.hidden_logprob_bwd_dw(hidden, weight, targets, lse, g_logp, **sweep)
+            d_weight = d_weight.to(weight.dtype)
         return d_hidden, d_weight, None
 
 

@@ -8,7 +8,7 @@ import torch
 import softpo
 from softpo import chunked, objectives
 
-from reference import TOLERANCE, all_configs, assert_close_to_gt, loss_kwargs, reference_logprobs, reference_policy_loss
+from reference import all_configs, assert_close_to_gt, loss_kwargs, reference_logprobs, reference_policy_loss
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -263,7 +263,6 @@ def test_spo_by_hand_and_q0_helper():
 
 
 def test_metrics_values():
-    B, T = 2, 3
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64))
     old = logp - torch.tensor([[0.0, math.log(2), 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
