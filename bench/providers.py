@@ -153,7 +153,8 @@ def case_set(name: str) -> list[Case]:
         cases.append(Case("hidden", "fwd", "logp", True, *_rows(headline), 151936, H=H, dtype=dt,
                           skip=skips("logp", True, headline, 151936)))
         # One row of 131072 tokens: offsets past 2^31 elements, and no token axis on a 65535-limited grid.
-        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 151936, dtype=dt, tag="row",
+        # On the Llama-3 vocabulary: at V=151936 the logits and their gradient alone (80 GB) overflow an H100.
+        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 128256, dtype=dt, tag="row",
                           skip=(compile_skip, torch_skip)))
         return cases
     if name == "quick":

@@ -198,6 +198,25 @@ def test_many_rows(path, N, H, V):
     assert (x.grad.double() - expected).abs().max() < 1e-3
 
 
+@pytest.mark.skipif(not CUDA, reason="needs 9 GB of GPU memory; too slow interpreted")
+def test_one_row_of_131072_tokens():
+    # [1, 131072, 16400] bf16 holds more than 2**31 elements: offsets must be 64-bit all the way.
+    T, V = 131072, 16400
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = (torch.randn(1, T, V, generator=g, device=DEVICE, dtype=torch.bfloat16) * 2).requires_grad_()
+    targets = torch.randint(0, V, (1, T), generator=g, device=DEVICE)
+    g_logp = torch.randn(1, T, generator=g, device=DEVICE)
+    logp = softpo.token_logprobs(targets, logits=logits, temperature=0.8, impl="triton")
+    (logp * g_logp).sum().backward()
+    for t0 in range(0, T, 8192):  # the float64 reference, a slice of rows at a time
+        rows = slice(t0, t0 + 8192)
+        log_p = torch.log_softmax(logits.detach()[0, rows].double() / 0.8, -1)
+        expected = log_p.gather(1, targets[0, rows, None])[:, 0]
+        assert (logp[0, rows].double() - expected).abs().max() < 1e-4, t0
+        d_z = (torch.nn.functional.one_hot(targets[0, rows], V) - log_p.exp()) * g_logp[0, rows, None] / 0.8
+        assert (logits.grad[0, rows].double() - d_z).abs().max() < 2e-2 * d_z.abs().max(), t0
+
+
 def test_masked_tokens_are_skipped_even_when_not_finite():
     # Masked rows are never read: NaN there cannot reach any output or gradient.
     hidden, weight, targets, valid, _, _ = _inputs(40, 24, 97, {"masked": True})
@@ -503,16 +522,18 @@ _COMPILE_SCRIPT = textwrap.dedent(
         dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=2, KL_RATIO=False),
         dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True),
     ]
-    config = logits._CONFIGS[1][2]
-    compile_kernel(logits._logits_fwd_kernel, config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms)
-    compile_kernel(logits._logits_bwd_kernel, config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
-    compile_kernel(logits._logits_fwd_kernel, config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False, **all_terms[2])
+    fwd_config, bwd_config = logits._FWD_CONFIGS[1][2], logits._BWD_CONFIGS[1][2]
+    compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms)
+    compile_kernel(logits._logits_bwd_kernel, bwd_config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
+    compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False,
+                   **all_terms[2])
     compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
     # Every row of the config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
-    for _, _, config in logits._CONFIGS:
-        for dtype in ("bf16", "fp32"):
+    for dtype in ("bf16", "fp32"):
+        for _, _, config in logits._FWD_CONFIGS:
             compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
                            **all_terms[0])
+        for _, _, config in logits._BWD_CONFIGS:
             compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
     print("compiled")
     """
