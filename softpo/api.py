@@ -102,11 +102,34 @@ def _check_sweep_inputs(targets, hidden, weight, logits):
     return weight.shape[0]
 
 
-def _check_target_range(targets, V, where=None):
-    checked = targets if where is None else targets[where]
-    if checked.numel() and (bool((checked < 0).any()) or bool((checked >= V).any())):
-        bad = checked[(checked < 0) | (checked >= V)][0].item()
-        raise ValueError(f"targets must lie in [0, V={V}); found {bad}")
+class _DeferredChecks:
+    """Value checks on device tensors, read back in one host sync: each sync stalls the GPU queue,
+    and a loss call checks half a dozen inputs."""
+
+    def __init__(self):
+        self.failed: list[tuple[str, torch.Tensor]] = []
+
+    def add(self, message, failed: torch.Tensor) -> None:
+        """`message` (a string, or a callable for messages that need the data) is raised if `failed` is True."""
+        self.failed.append((message, failed.reshape(())))
+
+    def run(self, *also: torch.Tensor) -> list[bool]:
+        """Raise the first failed check's ValueError; else return the values of `also` (0-d bool tensors)."""
+        flags = [f for _, f in self.failed] + [a.reshape(()) for a in also]
+        if not flags:
+            return []
+        values = torch.stack([f.to(torch.bool) for f in flags]).tolist()
+        for (message, _), failed in zip(self.failed, values):
+            if failed:
+                raise ValueError(message() if callable(message) else message)
+        return values[len(self.failed):]
+
+
+def _check_target_range(checks, targets, V, where=None):
+    bad = (targets < 0) | (targets >= V)
+    if where is not None:
+        bad = bad & where
+    checks.add(lambda: f"targets must lie in [0, V={V}); found {targets[bad][0].item()}", bad.any())
 
 
 def _flat(tensor):
@@ -161,7 +184,9 @@ def token_logprobs(
     """
     V = _check_sweep_inputs(targets, hidden, weight, logits)
     temperature = _check_temperature(temperature)
-    _check_target_range(targets, V)
+    checks = _DeferredChecks()
+    _check_target_range(checks, targets, V)
+    checks.run()
     path = _resolve_impl(impl, targets.device)
     if inplace_backward and (logits is None or path != "triton"):
         raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
@@ -175,7 +200,7 @@ def token_logprobs(
     return logp
 
 
-def _check_bt(name, tensor, shape, device, *, mask=None, required=False, dtype=torch.float32):
+def _check_bt(checks, name, tensor, shape, device, *, mask=None, required=False, dtype=torch.float32):
     """A per-token or per-sequence float tensor: shape, device, finiteness (where mask), as `dtype`."""
     if tensor is None:
         if required:
@@ -190,12 +215,10 @@ def _check_bt(name, tensor, shape, device, *, mask=None, required=False, dtype=t
     tensor = tensor.detach().to(dtype)
     finite = torch.isfinite(tensor)
     if mask is not None:
-        if not bool((finite | ~mask).all()):
-            raise ValueError(f"{name} must be finite at every unmasked position")
+        checks.add(f"{name} must be finite at every unmasked position", ~(finite | ~mask).all())
         # Padded positions may hold anything; zero them so they cannot reach the math.
         return torch.where(mask, tensor, torch.zeros_like(tensor))
-    if not bool(finite.all()):
-        raise ValueError(f"{name} must be finite")
+    checks.add(f"{name} must be finite", ~finite.all())
     return tensor
 
 
@@ -240,37 +263,42 @@ def policy_loss(
         raise ValueError(f"mask must have shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but targets is on {device}")
+    checks = _DeferredChecks()
     if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must be boolean or hold only 0 and 1")
+        checks.add("mask must be boolean or hold only 0 and 1", ((mask != 0) & (mask != 1)).any())
         mask = mask != 0
-    _check_target_range(targets, V, where=mask)
+    _check_target_range(checks, targets, V, where=mask)
     path = _resolve_impl(impl, device)
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
     dtype = accumulation_dtype((logits if logits is not None else hidden).dtype)
-    old_logp = _check_bt("old_logp", old_logp, (B, T), device, mask=mask, dtype=dtype)
-    ref_logp = _check_bt("ref_logp", ref_logp, (B, T), device, mask=mask, required=config.needs_ref, dtype=dtype)
-    rollout_logp = _check_bt("rollout_logp", rollout_logp, (B, T), device, mask=mask, dtype=dtype)
+    old_logp = _check_bt(checks, "old_logp", old_logp, (B, T), device, mask=mask, dtype=dtype)
+    ref_logp = _check_bt(checks, "ref_logp", ref_logp, (B, T), device, mask=mask, required=config.needs_ref,
+                         dtype=dtype)
+    rollout_logp = _check_bt(checks, "rollout_logp", rollout_logp, (B, T), device, mask=mask, dtype=dtype)
     if config.objective == "spo":
-        rewards = _check_bt("rewards", rewards, (B,), device, required=True, dtype=dtype)
-        q0 = _check_bt("q0", q0, (B,), device, required=True, dtype=dtype)
-        if config.spo_loss == "bce" and bool(((rewards < 0) | (rewards > 1)).any()):
-            raise ValueError("rewards must lie in [0, 1] for spo_loss='bce'")
+        rewards = _check_bt(checks, "rewards", rewards, (B,), device, required=True, dtype=dtype)
+        q0 = _check_bt(checks, "q0", q0, (B,), device, required=True, dtype=dtype)
+        if config.spo_loss == "bce":
+            checks.add("rewards must lie in [0, 1] for spo_loss='bce'", ((rewards < 0) | (rewards > 1)).any())
     else:
         if not isinstance(advantages, torch.Tensor):
             raise ValueError(f"advantages ([B] or [B, T] tensor) is required for the {config.name!r} objective")
         shape = (B,) if advantages.dim() == 1 else (B, T)
         advantages = _check_bt(
-            "advantages", advantages, shape, device, mask=mask if advantages.dim() == 2 else None, dtype=dtype
+            checks, "advantages", advantages, shape, device, mask=mask if advantages.dim() == 2 else None, dtype=dtype
         )
     if normalizer is not None:
         value = normalizer.detach() if isinstance(normalizer, torch.Tensor) else torch.tensor(float(normalizer))
-        if value.numel() != 1 or not bool(torch.isfinite(value)) or not bool(value > 0):
+        if value.numel() != 1:
             raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+        checks.add(f"normalizer must be a finite number > 0, got {normalizer!r}",
+                   ~(torch.isfinite(value) & (value > 0)).to(device))
+    # The same sync tells whether any token is masked: with none, the sweep needs no row order.
+    (every_token_valid,) = checks.run(mask.all())
 
     flat_targets = torch.where(mask, targets, torch.zeros_like(targets)).reshape(-1).long()
-    valid = mask.reshape(-1)
+    valid = None if every_token_valid else mask.reshape(-1)
     need_entropy = config.needs_entropy
     fused = (
         path == "triton"
