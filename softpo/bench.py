@@ -11,7 +11,7 @@ the hidden path (FLOPs), the device-to-device copy bandwidth for the logits path
     softpo bench --device cuda --resume --time-limit 540   # the same, in pieces under a time limit
     softpo bench --quick --device cpu                # small CPU shapes plus the core memory case
 
-Writes <out>/<device>-<date>.json (out defaults to ./bench/results), a markdown table next to it and
+Writes <out>/<device>-<date>[-<set>].json (out defaults to ./bench/results), a markdown table next to it and
 one PNG per family of cases (time and peak memory against N, one line per provider).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated above what is allocated before the measured call. On
@@ -608,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     today = dt.datetime.now(dt.timezone.utc)
-    stem = f"{device_slug(dev)}-{today:%Y-%m-%d}"
+    # The full set owns the plain name; the smaller sets never overwrite it.
+    stem = f"{device_slug(dev)}-{today:%Y-%m-%d}" + ("" if set_name == "full" else f"-{set_name}")
     json_path = out_dir / f"{stem}.json"
 
     print(f"softpo bench: {len(cases)} cases x {len(chosen)} providers on {dev['name']} ({set_name} set)")

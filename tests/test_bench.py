@@ -36,7 +36,7 @@ def test_record_header(record):
     assert doc["date"][:4].isdigit() and doc["set"] == "tiny" and doc["complete"] is True
     assert doc["ceilings"]["matmul_flops_per_s"] > 1e8
     assert doc["ceilings"]["copy_bytes_per_s"] > 1e7
-    assert (out / (doc["device"]["type"] + "-" + doc["date"][:10] + ".md")).read_text().startswith("# softpo")
+    assert (out / (doc["device"]["type"] + "-" + doc["date"][:10] + "-tiny.md")).read_text().startswith("# softpo")
 
 
 def test_every_provider_recorded(record):
