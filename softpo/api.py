@@ -306,19 +306,29 @@ def policy_loss(
         and config.importance_sampling_level == "token"
         and (rollout_logp is None or old_logp is not None)
     )
-    terms = None
+    terms = surrogate = None
     if fused:
         adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
         is_weight = None
         if rollout_logp is not None:
             is_weight = objectives.rollout_weights(config, old_logp, rollout_logp, mask).expand(B, T).reshape(-1)
-        terms, logp, entropy = _triton_ops().triton_fused_token_terms(
-            config, flat_targets, valid,
-            hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
-            logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
-            temperature=temperature, return_entropy=need_entropy,
-            advantages=adv.reshape(-1), old_logp=_flat(old_logp), ref_logp=_flat(ref_logp), is_weight=is_weight,
-        )
+        per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(old_logp), ref_logp=_flat(ref_logp),
+                         is_weight=is_weight)
+        if hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            # The loss is linear in the terms and the entropy: its gradient is formed during the forward sweep.
+            w_term, w_entropy = objectives.loss_weights(config, mask, normalizer, entropy=need_entropy)
+            surrogate, terms, logp, entropy = _triton_ops().triton_fused_token_loss(
+                config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+                w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
+                temperature=temperature, return_entropy=need_entropy, **per_token,
+            )
+        else:
+            terms, logp, entropy = _triton_ops().triton_fused_token_terms(
+                config, flat_targets, valid,
+                hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+                logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
+                temperature=temperature, return_entropy=need_entropy, **per_token,
+            )
         terms = terms.view(B, T)
     else:
         logp, entropy = _sweep(path, flat_targets, hidden, weight, logits, temperature, need_entropy, valid)
@@ -329,6 +339,9 @@ def policy_loss(
         old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, rewards=rewards, q0=q0,
         entropy=entropy, normalizer=normalizer, terms=terms,
     )
+    if surrogate is not None:
+        # The value is the objective's own; the gradient is the one the fused sweep formed.
+        loss = loss.detach() + (surrogate - surrogate.detach())
     return PolicyLossOutput(
         loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(), metrics=metrics
     )

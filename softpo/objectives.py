@@ -141,6 +141,35 @@ def aggregate(
     return _masked_sum(terms, mask, -1).mean() if B else terms.sum()
 
 
+def entropy_bonus(config: LossConfig, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What the loss subtracts for entropy: entropy_coef times the masked mean entropy."""
+    return config.entropy_coef * _masked_mean(entropy, mask)
+
+
+def loss_weights(
+    config: LossConfig, mask: torch.Tensor, normalizer: torch.Tensor | float | None = None, *,
+    entropy: bool = False, dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d loss / d terms and d loss / d entropy ([B, T]; None without an entropy bonus) of a token-level
+    policy objective.
+
+    The loss is linear in the per-token terms and in the entropy, so these weights are known before
+    any log-prob is: the fused hidden path uses them to turn each logits tile into its gradient in
+    the forward. They come from autograd through `aggregate` and `entropy_bonus`, the loss's own code.
+    """
+    with torch.enable_grad():
+        terms = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
+        inputs = [terms]
+        loss = aggregate(config, terms, mask, normalizer)
+        if entropy and config.entropy_coef != 0:
+            ent = torch.zeros_like(terms, requires_grad=True)
+            inputs.append(ent)
+            loss = loss - entropy_bonus(config, ent, mask)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    weights = [torch.zeros_like(terms) if g is None else g for g in grads]
+    return weights[0], (weights[1] if len(weights) > 1 else None)
+
+
 def spo_q0(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """Initial soft value per prompt from a group of reward samples: beta * log mean exp(R / beta).
 
@@ -232,7 +261,7 @@ def policy_objective(
         mean_entropy = _masked_mean(entropy, mask)
         metrics["entropy"] = mean_entropy.detach()
         if config.entropy_coef != 0:
-            loss = loss - config.entropy_coef * mean_entropy
+            loss = loss - entropy_bonus(config, entropy, mask)
     metrics["loss"] = loss.detach()
     return loss, metrics
 

@@ -109,6 +109,68 @@ def _check_hidden(hidden, weight, targets):
         raise ValueError(f"weight and targets must be on {hidden.device}, got {weight.device} and {targets.device}")
 
 
+_PER_TOKEN_TERMS = ("advantages", "old_logp", "ref_logp", "is_weight")
+
+
+def _projected_tiles(hidden, weight, rows):
+    """(idx, hidden rows, logits tile) for each tile of valid tokens; one tile buffer serves them all."""
+    N, V = hidden.shape[0], weight.shape[0]
+    n = N if rows is None else rows.numel()
+    if n == 0:
+        return
+    step = _tile_rows(n, V, hidden.element_size())
+    tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
+    for idx in _chunks(n, step, rows):
+        h = _take(hidden, idx)
+        z = tile[: h.shape[0]]
+        torch.mm(h, weight.T, out=z)
+        yield idx, h, z
+
+
+def _valid_rows(sweep: Sweep):
+    # One host sync: the number of valid tokens fixes the tiles, and masked ones cost no matmul.
+    return None if sweep.row_idx is None else sweep.row_idx[: int(sweep.n_valid)]
+
+
+def _forward_tile(sweep: Sweep, z, idx, outputs):
+    """The forward sweep of one tile; its per-token results land in `outputs` (logp, lse, entropy, term, coef)."""
+    terms = sweep.terms and dataclasses.replace(
+        sweep.terms, **{name: _take(getattr(sweep.terms, name), idx) for name in _PER_TOKEN_TERMS}
+    )
+    parts = K.logits_logprob_fwd(z, _take(sweep.targets, idx), temperature=sweep.temperature,
+                                 return_entropy=sweep.return_entropy, terms=terms)
+    for full, part in zip(outputs, parts):
+        if full is not None:
+            _put(full, idx, part)
+
+
+def _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, temperature, d_hidden, d_weight):
+    """Turn the tile into d logits in place, then add its share of d hidden and d weight."""
+    K.logits_logprob_bwd(
+        z, _take(targets, idx), _take(lse, idx), _take(g_logp, idx), entropy=_take(entropy, idx),
+        g_entropy=_take(g_entropy, idx), temperature=temperature, out=z,
+    )
+    if d_hidden is not None:
+        _put(d_hidden, idx, z @ weight)
+    if d_weight is not None:
+        _accumulate(d_weight, z.T, h)
+
+
+def _gradient_buffers(hidden, weight, need_hidden, need_weight):
+    # Masked tokens keep a zero gradient; d weight sums over tiles in fp32 for half-precision weights.
+    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+    return d_hidden, d_weight
+
+
+def _sweep_outputs(N, device, sweep: Sweep):
+    f32 = dict(dtype=torch.float32, device=device)
+    entropy = torch.zeros(N, **f32) if sweep.return_entropy else None
+    term, coef = (torch.zeros(N, **f32), torch.zeros(N, **f32)) if sweep.terms is not None else (None, None)
+    return torch.zeros(N, **f32), torch.zeros(N, **f32), entropy, term, coef
+
+
 class HiddenLogprobFunction(torch.autograd.Function):
     """(out, entropy, logp) from hidden [N, H] and weight [V, H]; out is logp, or the terms when fused.
 
@@ -122,34 +184,13 @@ class HiddenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        targets = sweep.targets
-        _check_hidden(hidden, weight, targets)
-        N, V = hidden.shape[0], weight.shape[0]
-        # One host sync: the number of valid tokens fixes the chunks, and masked ones cost no matmul.
-        rows = None if sweep.row_idx is None else sweep.row_idx[: int(sweep.n_valid)]
-        n = N if rows is None else rows.numel()
-        f32 = dict(dtype=torch.float32, device=hidden.device)
-        logp, lse = torch.zeros(N, **f32), torch.zeros(N, **f32)
-        entropy = torch.zeros(N, **f32) if sweep.return_entropy else None
-        term = coef = None
-        if sweep.terms is not None:
-            term, coef = torch.zeros(N, **f32), torch.zeros(N, **f32)
-        per_token = ("advantages", "old_logp", "ref_logp", "is_weight")
-        step = _tile_rows(n, V, hidden.element_size())
-        tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device) if n else None
-        for idx in _chunks(n, step, rows):
-            h = _take(hidden, idx)
-            z = tile[: h.shape[0]]
-            torch.mm(h, weight.T, out=z)
-            terms = sweep.terms and dataclasses.replace(
-                sweep.terms, **{name: _take(getattr(sweep.terms, name), idx) for name in per_token}
-            )
-            outs = K.logits_logprob_fwd(z, _take(targets, idx), temperature=sweep.temperature,
-                                        return_entropy=sweep.return_entropy, terms=terms)
-            for full, part in zip((logp, lse, entropy, term, coef), outs):
-                if full is not None:
-                    _put(full, idx, part)
-        ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy, coef)
+        _check_hidden(hidden, weight, sweep.targets)
+        rows = _valid_rows(sweep)
+        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep)
+        for idx, _, z in _projected_tiles(hidden, weight, rows):
+            _forward_tile(sweep, z, idx, outputs)
+        logp, lse, entropy, term, coef = outputs
+        ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
         ctx.temperature = sweep.temperature
         if term is None:
             return logp, entropy, None
@@ -165,29 +206,52 @@ class HiddenLogprobFunction(torch.autograd.Function):
             return None, None, None
         g_logp = _grad_logp(g_out, coef, lse)
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        N, V = hidden.shape[0], weight.shape[0]
-        n = N if rows is None else rows.numel()
-        # Masked tokens keep a zero gradient.
-        d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
-        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-        step = _tile_rows(n, V, hidden.element_size())
-        tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device) if n else None
-        for idx in _chunks(n, step, rows):
-            h = _take(hidden, idx)
-            z = tile[: h.shape[0]]
-            torch.mm(h, weight.T, out=z)
-            K.logits_logprob_bwd(
-                z, _take(targets, idx), _take(lse, idx), _take(g_logp, idx), entropy=_take(entropy, idx),
-                g_entropy=_take(g_entropy, idx), temperature=ctx.temperature, out=z,
-            )
-            if need_hidden:
-                _put(d_hidden, idx, z @ weight)
-            if need_weight:
-                _accumulate(d_weight, z.T, h)
-        if need_weight:
-            d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, None
+        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
+        for idx, h, z in _projected_tiles(hidden, weight, rows):
+            _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
+                           d_hidden, d_weight)
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
+
+
+class HiddenFusedLossFunction(torch.autograd.Function):
+    """A token-level objective's loss from hidden [N, H] and weight [V, H], its gradients made in the forward.
+
+    With `weights` = (d loss / d term, d loss / d entropy or None), fp32 [N], known before the sweep
+    (the loss is linear in both), each tile becomes its own gradient right after its forward sweep:
+    three matmuls of 2NHV instead of four, no logits recomputed. Returns (surrogate, term, entropy,
+    logp): the surrogate sum(w_term * term) + sum(w_entropy * entropy) carries the precomputed
+    gradients (scaled by its incoming gradient); the others are detached.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, sweep: Sweep, w_term, w_entropy):
+        _check_hidden(hidden, weight, sweep.targets)
+        rows = _valid_rows(sweep)
+        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep)
+        logp, lse, entropy, term, coef = outputs
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
+        g_logp = torch.zeros_like(coef)
+        for idx, h, z in _projected_tiles(hidden, weight, rows):
+            _forward_tile(sweep, z, idx, outputs)
+            _put(g_logp, idx, _take(w_term, idx) * _take(coef, idx))
+            _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, w_entropy, sweep.temperature,
+                           d_hidden, d_weight)
+        surrogate = (w_term * term).sum()
+        if w_entropy is not None:
+            surrogate = surrogate + (w_entropy * entropy).sum()
+        ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(term, logp, *([] if entropy is None else [entropy]))
+        return surrogate, term, entropy, logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_surrogate, *_):
+        d_hidden, d_weight = ctx.saved_tensors
+        if g_surrogate is None:
+            return None, None, None, None, None
+        scale = lambda d: None if d is None else d * g_surrogate.to(d.dtype)  # noqa: E731
+        return scale(d_hidden), scale(d_weight), None, None, None
 
 
 class LogitsLogprobFunction(torch.autograd.Function):
@@ -249,9 +313,12 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms):
+def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
+           loss_weights=None):
     if (logits is None) == (hidden is None and weight is None):
         raise ValueError("give either logits, or hidden and weight")
+    if loss_weights is not None and (hidden is None or weight is None or terms is None):
+        raise ValueError("loss_weights need hidden and weight and a token-level objective's terms")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if valid is not None and (valid.dtype != torch.bool or valid.shape != targets.shape):
@@ -260,6 +327,9 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
     sweep = Sweep(
         targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms
     )
+    if loss_weights is not None:
+        with _on_device(targets.device):
+            return HiddenFusedLossFunction.apply(hidden, weight, sweep, *loss_weights)
     if logits is not None:
         if inplace_backward:
             _check_inplace(logits)
@@ -320,6 +390,41 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
     )
+
+
+def triton_fused_token_loss(
+    config: LossConfig,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    w_term: torch.Tensor,
+    w_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
+):
+    """The token-level objective's sweep on the hidden path with its gradients formed in the forward.
+
+    w_term, w_entropy: d loss / d term and d loss / d entropy, fp32 [N] (objectives.loss_weights);
+    the entropy is computed when w_entropy is given or return_entropy is set. Returns (surrogate, terms, logp, entropy or None):
+    a differentiable scalar whose gradient is the loss's gradient with respect to hidden and weight,
+    and the per-token values (detached) from which the caller computes the loss's value and metrics.
+    """
+    for name, w in (("w_term", w_term), ("w_entropy", w_entropy)):
+        if w is not None and (w.shape != targets.shape or w.dtype != torch.float32 or w.device != targets.device):
+            raise ValueError(f"{name} must be float32 with targets' shape {tuple(targets.shape)} on {targets.device}")
+    terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
+    weights = (w_term.contiguous(), None if w_entropy is None else w_entropy.contiguous())
+    surrogate, term, entropy, logp = _sweep(
+        targets, hidden, weight, None, temperature, return_entropy or w_entropy is not None, valid, False, terms,
+        loss_weights=weights,
+    )
+    return surrogate, term, logp, entropy
 
 
 def triton_fused_token_terms(

@@ -470,6 +470,44 @@ def test_policy_loss_through_triton_matches_reference(config, uses_rollout):
     assert_close_to_gt(out[0], ref[0], gt[0], torch.float32, "loss")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hidden_loss_gradient_formed_in_the_forward(dtype):
+    # Token-level objectives on the hidden path form d hidden and d weight during the forward sweep
+    # (objectives.loss_weights); the loss keeps the objective's value and a gradient that scales.
+    B, T, H, V = 3, 11, 24, 97
+    hidden, weight, targets, _, _, _ = _inputs(B * T, H, V, {}, seed=7)
+    mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(8)) < 0.7).to(DEVICE)
+    config = softpo.DAPO.replace(beta=0.05, entropy_coef=0.01)
+    logp0 = reference_logprobs(targets, hidden=hidden, weight=weight)[0].view(B, T)
+    kwargs = {k: v.float() for k, v in loss_kwargs(config, logp0, False).items()}
+    h = hidden.view(B, T, H).to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    call = lambda: softpo.policy_loss(config, targets.view(B, T), mask, hidden=h, weight=w,  # noqa: E731
+                                      normalizer=40.0, impl="triton", **kwargs)
+    out = call()
+    names, nodes = [], [out.loss.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        names.append(type(node).__name__)
+        nodes += [child for child, _ in node.next_functions if child is not None]
+    assert any("HiddenFusedLoss" in name for name in names), names
+    assert not any("HiddenLogprob" in name for name in names), names
+    with torch.no_grad():
+        assert torch.equal(call().loss, out.loss.detach())
+    out.loss.backward()
+    grads = [h.grad.clone(), w.grad.clone()]
+    h.grad = w.grad = None
+    (2 * call().loss).backward()
+    torch.testing.assert_close(h.grad, 2 * grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, 2 * grads[1], rtol=0, atol=0)
+    h.grad = w.grad = None
+    reference_policy_loss(config, targets.view(B, T), mask, hidden=h.double(), weight=w.double(), normalizer=40.0,
+                          **{k: v.double() for k, v in kwargs.items()}).backward()
+    for ours, expected, name in zip(grads, (h.grad, w.grad), ("d_hidden", "d_weight")):
+        error = (ours.double() - expected).norm() / expected.norm()
+        assert error < (1e-5 if dtype == torch.float32 else 2e-2), (name, error.item())
+
+
 def test_fused_rejects_sequence_level_configs():
     hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
     adv = torch.zeros(4, device=DEVICE)
