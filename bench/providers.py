@@ -265,8 +265,9 @@ class Provider:
     label = ""
     paths = ("hidden", "logits")
     modes = ("fwd", "fwdbwd")
-    # The backward recomputes the logits: 8NHV executed where 6NHV are counted.
-    recomputes_logits = False
+    # The backward recomputes the logits: 8NHV executed where 6NHV are counted (True, or a list of
+    # the objectives for which it does).
+    recomputes_logits: bool | list = False
     extra_position = False
 
     def skip_reason(self, case: Case, device: str) -> str | None:
@@ -292,9 +293,10 @@ class Provider:
 
 
 class SoftpoProvider(Provider):
-    recomputes_logits = True
-
     def __init__(self, impl: str):
+        # Token-level objectives on the Triton hidden path form the gradient in the forward sweep;
+        # sequence-level ones (GSPO, SPO) and the chunked torch path recompute the logits.
+        self.recomputes_logits = ["gspo", "spo"] if impl == "triton" else True
         self.impl = impl
         self.name = f"softpo-{impl}"
         self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)"}[impl]

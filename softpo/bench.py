@@ -311,6 +311,12 @@ def best_ceilings(measured: list[dict]) -> dict:
     }
 
 
+def recomputes_logits(provider_info: dict, case: dict) -> bool:
+    """Whether the provider's backward recomputes the logits on this case: a flag, or the objectives it does so for."""
+    flag = provider_info.get("recomputes_logits")
+    return case["objective"] in flag if isinstance(flag, list) else bool(flag)
+
+
 def add_fractions(result: dict, case: dict, provider_info: dict, ceilings: dict) -> None:
     if result.get("status") != "ok":
         return
@@ -320,7 +326,7 @@ def add_fractions(result: dict, case: dict, provider_info: dict, ceilings: dict)
         result["ceiling"] = "matmul"
         result["ceiling_fraction"] = rate / ceilings["matmul_flops_per_s"]
         result["achieved_flops_per_s"] = rate
-        if case["mode"] == "fwdbwd" and provider_info.get("recomputes_logits"):
+        if case["mode"] == "fwdbwd" and recomputes_logits(provider_info, case):
             # The logits are recomputed in backward: 8NHV executed for the 6NHV counted.
             result["executed_fraction"] = result["ceiling_fraction"] * 8 / 6
     else:
@@ -436,7 +442,7 @@ def markdown(doc: dict) -> str:
             r = rows.get(name)
             if r is None:
                 continue
-            star = "*" if doc["providers"][name].get("recomputes_logits") and case["path"] == "hidden" else ""
+            star = "*" if recomputes_logits(doc["providers"][name], case) and case["path"] == "hidden" else ""
             if r["status"] != "ok":
                 lines.append(f"| {name}{star} | {r['status']}: {r['reason']} | | | | |")
                 continue
@@ -647,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
             doc["ceilings"] = best_ceilings(doc["ceilings_measured"])
             doc["results"] = old["results"]
             doc["date"] = old["date"]
+            # A resumed piece may select fewer cases or providers: the record keeps those of earlier pieces.
+            doc["providers"] = {**old.get("providers", {}), **doc["providers"]}
+            merged = {c["id"]: c for c in old.get("cases", [])} | {c["id"]: c for c in doc["cases"]}
+            order = [c.id for c in providers.case_set(set_name)]
+            doc["cases"] = [merged[i] for i in order if i in merged] + [c for i, c in merged.items() if i not in order]
             print(f"  resuming {json_path}: {len(doc['results'])} results kept")
     done = {(r["case"], r["provider"]) for r in doc["results"]}
     todo = [(c, providers.PROVIDERS[p]) for c in cases for p in chosen if (c.id, p) not in done]
@@ -682,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                                          loadavg_1m=os.getloadavg()[0]))
     finalize_fractions(doc)
     recorded = {(r["case"], r["provider"]) for r in doc["results"]}
-    doc["complete"] = not stopped and all((c.id, p) in recorded for c in cases for p in chosen)
+    doc["complete"] = not stopped and all((c["id"], p) in recorded for c in doc["cases"] for p in doc["providers"])
     write_json(doc, json_path)
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown(doc))

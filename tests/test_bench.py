@@ -74,6 +74,23 @@ def test_cuda_only_providers_skipped_with_reason(record):
     assert by[(logits, "liger-triton")]["status"] == "skipped" and "CUDA" in by[(logits, "liger-triton")]["reason"]
 
 
+def test_resumed_piece_keeps_the_cases_of_earlier_pieces(tmp_path):
+    common = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-isolate", "--no-plots",
+              "--target-seconds", "0.01", "--min-samples", "1", "--providers", "softpo-torch,torch-eager"]
+    assert bench.main([*common, "--only", "^hidden-fwdbwd"]) == 0
+    (path,) = tmp_path.glob("cpu-*-tiny.json")
+    assert len(json.loads(path.read_text())["cases"]) == 1
+    assert bench.main([*common, "--resume", "--only", "^logits", "--providers", "torch-eager"]) == 0
+    doc = json.loads(path.read_text())
+    assert [c["id"].split("-")[0] for c in doc["cases"]] == ["hidden", "logits"]
+    assert set(doc["providers"]) == {"softpo-torch", "torch-eager"}
+    recorded = {(r["case"].split("-")[0], r["provider"]) for r in doc["results"]}
+    assert recorded == {("hidden", "softpo-torch"), ("hidden", "torch-eager"), ("logits", "torch-eager")}
+    # softpo-torch never ran the logits case: the record says it is not complete.
+    assert doc["complete"] is False
+    assert "## logits" in path.with_suffix(".md").read_text()
+
+
 def test_failing_provider_recorded_as_error():
     providers = bench.load_providers(bench.find_bench_dir())
 
