@@ -41,11 +41,12 @@ def _triton_ops():
     return triton_ops
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        # The kernels sweep in fp32; float64 inputs (gradcheck, references) get the float64 torch path.
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); "
@@ -187,7 +188,7 @@ def token_logprobs(
     checks = _DeferredChecks()
     _check_target_range(checks, targets, V)
     checks.run()
-    path = _resolve_impl(impl, targets.device)
+    path = _resolve_impl(impl, targets.device, (logits if logits is not None else hidden).dtype)
     if inplace_backward and (logits is None or path != "triton"):
         raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
     logp, entropy = _sweep(
@@ -268,7 +269,7 @@ def policy_loss(
         checks.add("mask must be boolean or hold only 0 and 1", ((mask != 0) & (mask != 1)).any())
         mask = mask != 0
     _check_target_range(checks, targets, V, where=mask)
-    path = _resolve_impl(impl, device)
+    path = _resolve_impl(impl, device, (logits if logits is not None else hidden).dtype)
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
     dtype = accumulation_dtype((logits if logits is not None else hidden).dtype)

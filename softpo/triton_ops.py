@@ -127,6 +127,11 @@ def _projected_tiles(hidden, weight, rows):
         yield idx, h, z
 
 
+def _no_autocast(tensor):
+    # The tile matmuls stay in the inputs' dtype: autocast would turn an fp32 d hidden into bf16.
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _valid_rows(sweep: Sweep):
     # One host sync: the number of valid tokens fixes the tiles, and masked ones cost no matmul.
     return None if sweep.row_idx is None else sweep.row_idx[: int(sweep.n_valid)]
@@ -187,8 +192,9 @@ class HiddenLogprobFunction(torch.autograd.Function):
         _check_hidden(hidden, weight, sweep.targets)
         rows = _valid_rows(sweep)
         outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep)
-        for idx, _, z in _projected_tiles(hidden, weight, rows):
-            _forward_tile(sweep, z, idx, outputs)
+        with _no_autocast(hidden):
+            for idx, _, z in _projected_tiles(hidden, weight, rows):
+                _forward_tile(sweep, z, idx, outputs)
         logp, lse, entropy, term, coef = outputs
         ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
         ctx.temperature = sweep.temperature
@@ -207,9 +213,10 @@ class HiddenLogprobFunction(torch.autograd.Function):
         g_logp = _grad_logp(g_out, coef, lse)
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
         d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
-        for idx, h, z in _projected_tiles(hidden, weight, rows):
-            _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
-                           d_hidden, d_weight)
+        with _no_autocast(hidden):
+            for idx, h, z in _projected_tiles(hidden, weight, rows):
+                _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
+                               d_hidden, d_weight)
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
 
 
@@ -232,11 +239,12 @@ class HiddenFusedLossFunction(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
         g_logp = torch.zeros_like(coef)
-        for idx, h, z in _projected_tiles(hidden, weight, rows):
-            _forward_tile(sweep, z, idx, outputs)
-            _put(g_logp, idx, _take(w_term, idx) * _take(coef, idx))
-            _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, w_entropy, sweep.temperature,
-                           d_hidden, d_weight)
+        with _no_autocast(hidden):
+            for idx, h, z in _projected_tiles(hidden, weight, rows):
+                _forward_tile(sweep, z, idx, outputs)
+                _put(g_logp, idx, _take(w_term, idx) * _take(coef, idx))
+                _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, w_entropy,
+                               sweep.temperature, d_hidden, d_weight)
         surrogate = (w_term * term).sum()
         if w_entropy is not None:
             surrogate = surrogate + (w_entropy * entropy).sum()

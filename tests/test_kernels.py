@@ -508,6 +508,24 @@ def test_hidden_loss_gradient_formed_in_the_forward(dtype):
         assert error < (1e-5 if dtype == torch.float32 else 2e-2), (name, error.item())
 
 
+def test_hidden_path_ignores_an_enclosing_autocast():
+    # Under autocast the tile matmuls would run in bf16 and hand bf16 gradient rows to fp32 buffers;
+    # the gradient-in-forward path runs them inside the caller's forward.
+    B, T, H, V = 3, 10, 24, 97
+    hidden, weight, targets, valid, _, _ = _inputs(B * T, H, V, {"masked": True}, seed=9)
+    advantages = torch.randn(B, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    results = []
+    for enabled in (False, True):
+        h, w = hidden.float().view(B, T, H).requires_grad_(), weight.float().requires_grad_()
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=enabled):
+            out = softpo.policy_loss(softpo.SAPO, targets.view(B, T), valid.view(B, T), advantages,
+                                     hidden=h, weight=w, impl="triton")
+        out.loss.backward()
+        results.append((out.loss, h.grad, w.grad))
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == plain.dtype and torch.equal(autocast, plain)
+
+
 def test_fused_rejects_sequence_level_configs():
     hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
     adv = torch.zeros(4, device=DEVICE)

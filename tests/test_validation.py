@@ -115,3 +115,13 @@ def test_token_logprobs_rejects_out_of_range_targets_and_bad_logits():
         softpo.spo_q0(torch.tensor([1.0, 2.0]), beta=0.1)
     with pytest.raises(ValueError, match="beta"):
         softpo.spo_q0(torch.rand(2, 3), beta=0.0)
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "triton"), (torch.float32, "triton"),
+                                            (torch.float64, "torch")])
+def test_auto_impl_picks_the_kernels_for_cuda_tensors_below_float64(dtype, expected):
+    from softpo import api
+
+    assert api._resolve_impl("auto", torch.device("cuda", 0), dtype) == expected
+    assert api._resolve_impl("auto", torch.device("cpu"), dtype) == "torch"
+    assert api._resolve_impl("torch", torch.device("cuda", 0), dtype) == "torch"
