@@ -3,6 +3,7 @@ presets, bad arguments and data parallel. Tiny runs only: the default 10-minute 
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -193,8 +194,9 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
 
 
 def _ddp_worker(rank, world, port, argv, dump_dir):
+    # Gloo on the loopback interface: the hostname may resolve to another one.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     original = train.save_checkpoint
 
     def save_and_dump(run_dir, step, model, *rest):
@@ -206,13 +208,27 @@ def _ddp_worker(rank, world, port, argv, dump_dir):
         raise SystemExit(1)
 
 
+def _spawn_two_ranks(argv, dump_dir):
+    # Gloo's TCP transport occasionally aborts a rank while connecting (SIGABRT from a background
+    # thread, about one run in 40 here; pytorch/pytorch#188266 reports the same abort). That is the
+    # transport, not the training: such a run is started again, anything else fails the test.
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_ddp_worker, args=(2, port, argv, dump_dir), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as error:
+            if error.signal_name != "SIGABRT" or attempt == 2:
+                raise
+            shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)
+
+
 def test_data_parallel_two_processes_stay_identical(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = tmp_path / "run"
     argv = [*TINY, "--loss", "dapo", "--steps", "2", "--out", str(run)]
-    mp.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_ranks(argv, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     torch.manual_seed(0)
