@@ -98,7 +98,9 @@ def _accumulate(acc, a, b):
 
 def _check_hidden(hidden, weight, targets):
     if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
     if hidden.dtype not in HIDDEN_DTYPES or weight.dtype != hidden.dtype:
@@ -419,9 +421,10 @@ def triton_fused_token_loss(
     """The token-level objective's sweep on the hidden path with its gradients formed in the forward.
 
     w_term, w_entropy: d loss / d term and d loss / d entropy, fp32 [N] (objectives.loss_weights);
-    the entropy is computed when w_entropy is given or return_entropy is set. Returns (surrogate, terms, logp, entropy or None):
-    a differentiable scalar whose gradient is the loss's gradient with respect to hidden and weight,
-    and the per-token values (detached) from which the caller computes the loss's value and metrics.
+    the entropy is computed when w_entropy is given or return_entropy is set. The other arguments are
+    those of `triton_fused_token_terms`. Returns (surrogate, terms, logp, entropy or None): a
+    differentiable scalar whose gradient is the loss's gradient with respect to hidden and weight, and
+    the per-token values (detached) from which the caller computes the loss's value and metrics.
     """
     for name, w in (("w_term", w_term), ("w_entropy", w_entropy)):
         if w is not None and (w.shape != targets.shape or w.dtype != torch.float32 or w.device != targets.device):

@@ -18,7 +18,14 @@ from softpo import kernels as K
 from softpo import objectives, triton_ops
 from softpo.triton_ops import triton_fused_token_terms, triton_token_logprobs
 
-from reference import all_configs, assert_close_to_gt, assert_norm_close_to_gt, loss_kwargs, reference_logprobs, reference_policy_loss
+from reference import (
+    all_configs,
+    assert_close_to_gt,
+    assert_norm_close_to_gt,
+    loss_kwargs,
+    reference_logprobs,
+    reference_policy_loss,
+)
 
 pytestmark = [
     pytest.mark.usefixtures("poison_empty"),
