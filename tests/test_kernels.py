@@ -221,7 +221,8 @@ def test_one_row_of_131072_tokens():
         expected = log_p.gather(1, targets[0, rows, None])[:, 0]
         assert (logp[0, rows].double() - expected).abs().max() < 1e-4, t0
         d_z = (torch.nn.functional.one_hot(targets[0, rows], V) - log_p.exp()) * g_logp[0, rows, None] / 0.8
-        assert (logits.grad[0, rows].double() - d_z).abs().max() < 2e-2 * d_z.abs().max(), t0
+        # The gradient is stored in bf16: one rounding, at most 2**-9 of the largest element.
+        assert (logits.grad[0, rows].double() - d_z).abs().max() < 4e-3 * d_z.abs().max(), t0
 
 
 def test_masked_tokens_are_skipped_even_when_not_finite():

@@ -209,8 +209,8 @@ def _ddp_worker(rank, world, port, argv, dump_dir):
 
 
 def _spawn_two_ranks(argv, dump_dir):
-    # Gloo's TCP transport occasionally aborts a rank while connecting (SIGABRT from a background
-    # thread, about one run in 40 here; pytorch/pytorch#188266 reports the same abort). That is the
+    # Gloo's TCP transport occasionally aborts a rank early in a run (SIGABRT from a background
+    # thread, twice in about 120 runs here; pytorch/pytorch#188266 reports the same abort). That is the
     # transport, not the training: such a run is started again, anything else fails the test.
     for attempt in range(3):
         with socket.socket() as s:
