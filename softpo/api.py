@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import objectives
+from . import objectives, vocab_parallel
 from .chunked import accumulation_dtype, chunked_token_logprobs
 from .config import LossConfig
 
@@ -137,7 +137,9 @@ def _flat(tensor):
     return None if tensor is None else tensor.reshape(-1)
 
 
-def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False):
+def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False,
+           shard=None):
+    """The plain route: per-token log-prob (and entropy) on the chosen path, flat [N] results."""
     if logits is not None:
         logits = logits.reshape(-1, logits.shape[-1])
     else:
@@ -146,12 +148,44 @@ def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entro
         return _triton_ops().triton_token_logprobs(
             flat_targets, hidden=hidden, weight=weight, logits=logits,
             temperature=temperature, return_entropy=return_entropy, valid=valid,
-            inplace_backward=inplace_backward,
+            inplace_backward=inplace_backward, shard=shard,
         )
     return chunked_token_logprobs(
         flat_targets, hidden=hidden, weight=weight, logits=logits,
-        temperature=temperature, return_entropy=return_entropy, valid=valid,
+        temperature=temperature, return_entropy=return_entropy, valid=valid, shard=shard,
     )
+
+
+def _decide(validate, process_group, *, vocab_start, reduce_hidden_grad, targets, hidden, weight, logits,
+            where=None):
+    """Run `validate()` (raises ValueError on bad input) and return (its result, the vocabulary shard).
+
+    Single process there is no shard and `validate`'s error propagates. With a process group every rank
+    validates its own inputs and one collective decides: all ranks get the same shard layout or the
+    same ValueError, so a bad input on one rank cannot leave the others waiting in a collective.
+    """
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start applies only with a process_group (a vocab-parallel lm_head)")
+        return validate(), None
+    try:
+        result, error = validate(), None
+    except ValueError as raised:
+        result, error = None, str(raised)
+    ok = error is None
+    shard = vocab_parallel.agree(
+        process_group, error, vocab_start=vocab_start,
+        local_vocab=(logits.shape[-1] if logits is not None else weight.shape[0]) if ok else 0,
+        hidden_size=-1 if not ok or logits is not None else hidden.shape[-1],
+        targets=targets if ok else None, where=where() if ok and where is not None else None,
+        reduce_hidden_grad=reduce_hidden_grad,
+    )
+    return result, shard
+
+
+def _local_targets(flat_targets, shard):
+    """Global target ids -> ids within this rank's vocabulary rows (outside [0, V_r) on other ranks)."""
+    return flat_targets if shard is None else flat_targets - shard.start
 
 
 def token_logprobs(
@@ -164,6 +198,9 @@ def token_logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ):
     """log softmax(z / temperature)[target] per token, without a tokens x vocabulary tensor.
 
@@ -178,22 +215,39 @@ def token_logprobs(
         inplace_backward: logits path on the Triton kernels only: the backward writes d logits over
             the logits' storage, saving one tokens x vocabulary buffer. Refused for leaf logits; any
             other autograd node that saved the logits then raises instead of reading gradients.
+        process_group: a vocab-parallel lm_head (tensor parallelism): `weight` is this rank's
+            contiguous shard of rows [V_r, H] (or `logits` is [..., V_r]), hidden and targets (global
+            ids) are the same on every rank, and every rank gets the whole vocabulary's results.
+            d weight (d logits) stays on its shard; d hidden is summed over the group.
+        vocab_start: with process_group, the global id of this rank's first row; None takes the
+            shards in rank order.
+        reduce_hidden_grad: with process_group, False leaves d hidden as this shard's partial sum,
+            for callers that reduce-scatter it themselves (sequence parallelism).
 
     Returns:
         logp [...] fp32, or (logp, entropy) when return_entropy; differentiable with respect to
         hidden/weight or logits.
     """
-    V = _check_sweep_inputs(targets, hidden, weight, logits)
-    temperature = _check_temperature(temperature)
-    checks = _DeferredChecks()
-    _check_target_range(checks, targets, V)
-    checks.run()
-    path = _resolve_impl(impl, targets.device, (logits if logits is not None else hidden).dtype)
-    if inplace_backward and (logits is None or path != "triton"):
-        raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
+
+    def validate():
+        V = _check_sweep_inputs(targets, hidden, weight, logits)
+        checked_temperature = _check_temperature(temperature)
+        if process_group is None:
+            checks = _DeferredChecks()
+            _check_target_range(checks, targets, V)
+            checks.run()
+        path = _resolve_impl(impl, targets.device, (logits if logits is not None else hidden).dtype)
+        if inplace_backward and (logits is None or path != "triton"):
+            raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
+        return checked_temperature, path
+
+    (checked_temperature, path), shard = _decide(
+        validate, process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
+        targets=targets, hidden=hidden, weight=weight, logits=logits,
+    )
     logp, entropy = _sweep(
-        path, targets.reshape(-1).long(), hidden, weight, logits, temperature, return_entropy, None,
-        inplace_backward,
+        path, _local_targets(targets.reshape(-1).long(), shard), hidden, weight, logits, checked_temperature,
+        return_entropy, None, inplace_backward, shard,
     )
     logp = logp.view(targets.shape)
     if return_entropy:
@@ -223,35 +277,25 @@ def _check_bt(checks, name, tensor, shape, device, *, mask=None, required=False,
     return tensor
 
 
-def policy_loss(
-    config: LossConfig,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor | None = None,
-    *,
-    hidden: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    logits: torch.Tensor | None = None,
-    old_logp: torch.Tensor | None = None,
-    ref_logp: torch.Tensor | None = None,
-    rollout_logp: torch.Tensor | None = None,
-    rewards: torch.Tensor | None = None,
-    q0: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    normalizer: torch.Tensor | float | None = None,
-    impl: str = "auto",
-) -> PolicyLossOutput:
-    """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
+@dataclass
+class _LossInputs:
+    """policy_loss's inputs after validation: per-token tensors in the objective's dtype, mask bool."""
 
-    Shapes: targets, mask [B, T] (mask bool or 0/1; targets at masked positions are ignored);
-    hidden [B, T, H] with weight [V, H], or logits [B, T, V]; advantages [B] or [B, T] (policy
-    objectives); old_logp, ref_logp, rollout_logp [B, T] (old_logp None means on-policy: old =
-    logp detached; ref_logp needed when beta > 0 and for SPO; rollout_logp turns on the sampler
-    mismatch correction); rewards, q0 [B] (SPO); normalizer: the token count that "token-mean"
-    divides by (e.g. the global count across ranks and accumulation steps), default the local one.
+    mask: torch.Tensor
+    advantages: torch.Tensor | None
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    rollout_logp: torch.Tensor | None
+    rewards: torch.Tensor | None
+    q0: torch.Tensor | None
+    temperature: float
+    path: str
+    every_token_valid: bool
 
-    Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
-    """
+
+def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
+                          rollout_logp, rewards, q0, temperature, normalizer, impl, check_targets) -> _LossInputs:
+    """Every check of policy_loss's inputs; value checks are read back in one host sync."""
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be a LossConfig (e.g. softpo.SAPO), got {type(config).__name__}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
@@ -268,7 +312,8 @@ def policy_loss(
     if mask.dtype != torch.bool:
         checks.add("mask must be boolean or hold only 0 and 1", ((mask != 0) & (mask != 1)).any())
         mask = mask != 0
-    _check_target_range(checks, targets, V, where=mask)
+    if check_targets:
+        _check_target_range(checks, targets, V, where=mask)
     path = _resolve_impl(impl, device, (logits if logits is not None else hidden).dtype)
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
@@ -297,48 +342,71 @@ def policy_loss(
                    ~(torch.isfinite(value) & (value > 0)).to(device))
     # The same sync tells whether any token is masked: with none, the sweep needs no row order.
     (every_token_valid,) = checks.run(mask.all())
+    return _LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, rewards, q0, temperature, path,
+                       every_token_valid)
 
-    flat_targets = torch.where(mask, targets, torch.zeros_like(targets)).reshape(-1).long()
-    valid = None if every_token_valid else mask.reshape(-1)
-    need_entropy = config.needs_entropy
-    fused = (
-        path == "triton"
-        and config.objective == "policy"
-        and config.importance_sampling_level == "token"
-        and (rollout_logp is None or old_logp is not None)
+
+def policy_loss(
+    config: LossConfig,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    q0: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    normalizer: torch.Tensor | float | None = None,
+    impl: str = "auto",
+    process_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
+) -> PolicyLossOutput:
+    """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
+
+    Shapes: targets, mask [B, T] (mask bool or 0/1; targets at masked positions are ignored);
+    hidden [B, T, H] with weight [V, H], or logits [B, T, V]; advantages [B] or [B, T] (policy
+    objectives); old_logp, ref_logp, rollout_logp [B, T] (old_logp None means on-policy: old =
+    logp detached; ref_logp needed when beta > 0 and for SPO; rollout_logp turns on the sampler
+    mismatch correction); rewards, q0 [B] (SPO); normalizer: the token count that "token-mean"
+    divides by (e.g. the global count across ranks and accumulation steps), default the local one.
+    process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
+    the objective then runs identically on every rank and every rank returns the same loss.
+
+    Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
+    """
+    inputs, shard = _decide(
+        lambda: _validate_loss_inputs(
+            config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
+            rewards, q0, temperature, normalizer, impl, check_targets=process_group is None,
+        ),
+        process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
+        targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
     )
-    terms = surrogate = None
-    if fused:
-        adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
-        is_weight = None
-        if rollout_logp is not None:
-            is_weight = objectives.rollout_weights(config, old_logp, rollout_logp, mask).expand(B, T).reshape(-1)
-        per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(old_logp), ref_logp=_flat(ref_logp),
-                         is_weight=is_weight)
-        if hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            # The loss is linear in the terms and the entropy: its gradient is formed during the forward sweep.
-            w_term, w_entropy = objectives.loss_weights(config, mask, normalizer, entropy=need_entropy)
-            surrogate, terms, logp, entropy = _triton_ops().triton_fused_token_loss(
-                config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
-                w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
-                temperature=temperature, return_entropy=need_entropy, **per_token,
-            )
-        else:
-            terms, logp, entropy = _triton_ops().triton_fused_token_terms(
-                config, flat_targets, valid,
-                hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
-                logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
-                temperature=temperature, return_entropy=need_entropy, **per_token,
-            )
-        terms = terms.view(B, T)
+    B, T = targets.shape
+    mask = inputs.mask
+    flat_targets = _local_targets(torch.where(mask, targets, torch.zeros_like(targets)).reshape(-1).long(), shard)
+    valid = None if inputs.every_token_valid else mask.reshape(-1)
+    route = _route(config, inputs, hidden, weight, shard)
+    surrogate = terms = None
+    if route == "plain":
+        logp, entropy = _sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
+                               config.needs_entropy, valid, shard=shard)
     else:
-        logp, entropy = _sweep(path, flat_targets, hidden, weight, logits, temperature, need_entropy, valid)
+        surrogate, terms, logp, entropy = _fused_sweep(route, config, inputs, flat_targets, valid, hidden, weight,
+                                                       logits, normalizer)
+        terms = terms.view(B, T)
     logp = logp.view(B, T)
     entropy = None if entropy is None else entropy.view(B, T)
     loss, metrics = objectives.policy_objective(
-        config, logp, mask, advantages,
-        old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, rewards=rewards, q0=q0,
-        entropy=entropy, normalizer=normalizer, terms=terms,
+        config, logp, mask, inputs.advantages,
+        old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
+        rewards=inputs.rewards, q0=inputs.q0, entropy=entropy, normalizer=normalizer, terms=terms,
     )
     if surrogate is not None:
         # The value is the objective's own; the gradient is the one the fused sweep formed.
@@ -346,6 +414,58 @@ def policy_loss(
     return PolicyLossOutput(
         loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(), metrics=metrics
     )
+
+
+def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
+    """Which of the three routes computes the loss.
+
+    "plain": the log-prob sweep, then the objective in torch (every objective, every path).
+    "terms": Triton, token-level objectives: the forward kernel's epilogue evaluates each token's
+        gate and KL, so one launch yields the terms and the coefficient their backward needs.
+    "gradient": "terms" on the hidden path with gradients wanted: the loss is linear in the terms
+        and the entropy, so each logits tile becomes its gradient during the forward sweep.
+    A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain".
+    """
+    fusable = (
+        inputs.path == "triton"
+        and shard is None
+        and config.objective == "policy"
+        and config.importance_sampling_level == "token"
+        and (inputs.rollout_logp is None or inputs.old_logp is not None)
+    )
+    if not fusable:
+        return "plain"
+    if hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return "gradient"
+    return "terms"
+
+
+def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden, weight, logits, normalizer):
+    """The "terms" and "gradient" routes: (surrogate or None, terms, logp, entropy) as flat [N] tensors."""
+    B, T = inputs.mask.shape
+    advantages = inputs.advantages
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
+    is_weight = None
+    if inputs.rollout_logp is not None:
+        is_weight = objectives.rollout_weights(config, inputs.old_logp, inputs.rollout_logp, inputs.mask)
+        is_weight = is_weight.expand(B, T).reshape(-1)
+    per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(inputs.old_logp), ref_logp=_flat(inputs.ref_logp),
+                     is_weight=is_weight)
+    need_entropy = config.needs_entropy
+    if route == "gradient":
+        w_term, w_entropy = objectives.loss_weights(config, inputs.mask, normalizer, entropy=need_entropy)
+        return _triton_ops().triton_fused_token_loss(
+            config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+            w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
+            temperature=inputs.temperature, return_entropy=need_entropy, **per_token,
+        )
+    terms, logp, entropy = _triton_ops().triton_fused_token_terms(
+        config, flat_targets, valid,
+        hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+        logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
+        temperature=inputs.temperature, return_entropy=need_entropy, **per_token,
+    )
+    return None, terms, logp, entropy
 
 
 class PolicyLoss(nn.Module):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import vocab_parallel
+
 # A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 16 MiB: small enough that the allocator reuses
 # it from chunk to chunk instead of mapping fresh pages each time (glibc maps blocks above 32 MiB),
 # large enough that each matmul runs at full speed. Extra memory is a few tiles, whatever N and V are.
@@ -30,10 +32,13 @@ class SweepArgs:
     return_entropy: bool
     token_chunk: int = TOKEN_CHUNK
     vocab_chunk: int = VOCAB_CHUNK
+    shard: vocab_parallel.VocabShard | None = None
 
 
 class OnlineLogSumExp:
-    """Running max, sum of exp and (optionally) sum of exp * z over vocabulary tiles, per row.
+    """Running max m, s = sum exp(z - m) and (optionally) t = sum exp(z - m) (z - m) over vocabulary
+    tiles, per row. Keeping t relative to the max gives the entropy as log s - t / s, free of the
+    cancellation in lse - sum p z when logits are large; -inf logits contribute nothing.
 
     The one place where tiles are folded into a log-sum-exp; both input paths use it.
     """
@@ -41,29 +46,32 @@ class OnlineLogSumExp:
     def __init__(self, n: int, like: torch.Tensor, track_entropy: bool):
         self.max = like.new_full((n,), float("-inf"))
         self.sum = like.new_zeros(n)
-        self.sum_pz = like.new_zeros(n) if track_entropy else None
+        self.t = like.new_zeros(n) if track_entropy else None
 
     def update(self, z: torch.Tensor) -> None:
         """Fold in one [n, v] tile of scaled logits. The tile is overwritten."""
         new_max = torch.maximum(self.max, z.amax(dim=-1))
-        rescale = torch.exp(self.max - new_max)
-        z.sub_(new_max.unsqueeze(-1))
-        if self.sum_pz is None:
-            self.sum = self.sum * rescale + z.exp_().sum(-1)
+        # Rows with no finite logit yet keep a finite reference, so no inf - inf appears.
+        ref = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+        shift = self.max - ref
+        rescale = torch.exp(shift)
+        # -inf becomes the most negative finite value: its exp is 0 and 0 * it is 0, not NaN.
+        d = z.sub_(ref.unsqueeze(-1)).clamp_(min=torch.finfo(z.dtype).min)
+        if self.t is None:
+            self.sum = self.sum * rescale + d.exp_().sum(-1)
         else:
-            e = torch.exp(z)
+            e = torch.exp(d)
             tile_sum = e.sum(-1)
-            # sum e^(z - m) z = sum e^(z - m) (z - m) + m sum e^(z - m), without another tile.
-            tile_pz = e.mul_(z).sum(-1) + new_max * tile_sum
+            earlier = torch.where(self.sum > 0, self.t + shift * self.sum, self.t)
+            self.t = rescale * earlier + e.mul_(d).sum(-1)
             self.sum = self.sum * rescale + tile_sum
-            self.sum_pz = self.sum_pz * rescale + tile_pz
         self.max = new_max
 
     def lse(self) -> torch.Tensor:
         return self.max + torch.log(self.sum)
 
-    def entropy(self, lse: torch.Tensor) -> torch.Tensor:
-        return lse - self.sum_pz / self.sum
+    def entropy(self) -> torch.Tensor:
+        return torch.log(self.sum) - self.t / self.sum
 
 
 def _pick_targets(z, targets, col_offset, picked):
@@ -84,6 +92,9 @@ def _tile_grad_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
         grad = log_p.exp_().mul_(-g_logp.unsqueeze(-1))
     else:
         p = torch.exp(log_p)
+        # A -inf logit has p = 0 and log p = -inf, and 0 * inf is NaN. Any p > 0 has log p above -746
+        # (float64's smallest), so this clamp only touches p = 0, whose gradient it keeps at 0.
+        log_p.clamp_(min=-1e4)
         weighted = log_p.add_(entropy.unsqueeze(-1)).mul_(g_entropy.unsqueeze(-1)).add_(g_logp.unsqueeze(-1))
         grad = weighted.mul_(p).neg_()
     local = targets - col_offset
@@ -95,7 +106,8 @@ def _tile_grad_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
 
 def _forward_sweep(valid_rows, targets, V, N, acc, args, tiles_for):
     """The forward sweep shared by both inputs. `tiles_for(rows)` returns a function of (v0, v1)
-    giving that token chunk's [n, v1 - v0] tile of logits / temperature in `acc`."""
+    giving that token chunk's [n, v1 - v0] tile of logits / temperature in `acc`. With a vocabulary
+    shard, targets are local ids and the results are combined over the shard's group."""
     device = targets.device
     logp = torch.zeros(N, dtype=acc, device=device)
     entropy = torch.zeros(N, dtype=acc, device=device) if args.return_entropy else None
@@ -114,7 +126,9 @@ def _forward_sweep(valid_rows, targets, V, N, acc, args, tiles_for):
         lse_all[rows] = lse
         logp[rows] = target_logit - lse
         if entropy is not None:
-            entropy[rows] = state.entropy(lse)
+            entropy[rows] = state.entropy()
+    if args.shard is not None:
+        logp, lse_all, entropy = vocab_parallel.combine(args.shard, logp, lse_all, entropy, targets, valid_rows)
     return logp, entropy, lse_all
 
 
@@ -179,6 +193,8 @@ class ChunkedHiddenLogprob(torch.autograd.Function):
 
         _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args,
                         tiles_for, consume)
+        if need_hidden and args.shard is not None:
+            vocab_parallel.reduce_hidden_grad(args.shard, d_hidden)
         return (
             d_hidden.to(hidden.dtype) if need_hidden else None,
             d_weight.to(weight.dtype) if need_weight else None,
@@ -254,14 +270,16 @@ def chunked_token_logprobs(
     valid: torch.Tensor | None = None,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    shard: vocab_parallel.VocabShard | None = None,
 ):
     """Flat inputs (targets [N], hidden [N, H] + weight [V, H] or logits [N, V], valid [N] bool) ->
-    (logp [N], entropy [N] or None), fp32 (float64 for float64 inputs). Rows where `valid` is False get 0 and zero gradient."""
+    (logp [N], entropy [N] or None), fp32 (float64 for float64 inputs). Rows where `valid` is False get 0 and zero gradient.
+    With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them."""
     N = targets.shape[0]
     device = targets.device
     valid_rows = torch.arange(N, device=device) if valid is None else valid.nonzero().squeeze(-1)
     args = SweepArgs(
-        float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
+        float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard
     )
     if logits is not None:
         out = ChunkedLogitsLogprob.apply(logits, targets, valid_rows, args)

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import kernels as K
+from . import vocab_parallel
 from .config import LossConfig
 
 
@@ -23,7 +24,8 @@ class Sweep:
     """Everything a sweep needs besides the differentiable inputs.
 
     targets int64 [N]; row_idx / n_valid: the valid-first token order (None: all valid); terms:
-    the epilogue's per-token inputs and settings (None: log-prob mode).
+    the epilogue's per-token inputs and settings (None: log-prob mode); shard: this rank's place in a
+    vocab-parallel lm_head (targets are then ids local to the shard).
     """
 
     targets: torch.Tensor
@@ -33,6 +35,7 @@ class Sweep:
     return_entropy: bool
     inplace_backward: bool = False
     terms: K.TermsArgs | None = None
+    shard: vocab_parallel.VocabShard | None = None
 
 
 def _row_order(valid: torch.Tensor | None):
@@ -198,8 +201,11 @@ class HiddenLogprobFunction(torch.autograd.Function):
             for idx, _, z in _projected_tiles(hidden, weight, rows):
                 _forward_tile(sweep, z, idx, outputs)
         logp, lse, entropy, term, coef = outputs
+        if sweep.shard is not None:
+            logp, lse, entropy = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows)
         ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
         ctx.temperature = sweep.temperature
+        ctx.shard = sweep.shard
         if term is None:
             return logp, entropy, None
         ctx.mark_non_differentiable(logp)
@@ -219,6 +225,8 @@ class HiddenLogprobFunction(torch.autograd.Function):
             for idx, h, z in _projected_tiles(hidden, weight, rows):
                 _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
                                d_hidden, d_weight)
+        if d_hidden is not None and ctx.shard is not None:
+            vocab_parallel.reduce_hidden_grad(ctx.shard, d_hidden)
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
 
 
@@ -274,6 +282,10 @@ class LogitsLogprobFunction(torch.autograd.Function):
             logits, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
             return_entropy=sweep.return_entropy, terms=sweep.terms,
         )
+        if sweep.shard is not None:
+            logp, lse, entropy = vocab_parallel.combine(
+                sweep.shard, logp, lse, entropy, sweep.targets, _valid_rows(sweep)
+            )
         ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
         ctx.temperature = sweep.temperature
         ctx.inplace = sweep.inplace_backward
@@ -324,7 +336,7 @@ def _on_device(device: torch.device):
 
 
 def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
-           loss_weights=None):
+           loss_weights=None, shard=None):
     if (logits is None) == (hidden is None and weight is None):
         raise ValueError("give either logits, or hidden and weight")
     if loss_weights is not None and (hidden is None or weight is None or terms is None):
@@ -335,7 +347,8 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
         raise ValueError(f"valid must be bool with targets' shape {targets.shape}, got {valid.dtype} {valid.shape}")
     row_idx, n_valid = _row_order(valid)
     sweep = Sweep(
-        targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms
+        targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms,
+        shard,
     )
     if loss_weights is not None:
         with _on_device(targets.device):
@@ -363,16 +376,18 @@ def triton_token_logprobs(
     return_entropy: bool = False,
     valid: torch.Tensor | None = None,
     inplace_backward: bool = False,
+    shard: vocab_parallel.VocabShard | None = None,
 ):
     """Per-token log-prob of targets under softmax(z / temperature), z = hidden @ weight.T or logits.
 
     targets int64 [N] (in [0, V) where valid); hidden [N, H] with weight [V, H], or logits [N, V];
     valid bool [N] or None (all valid). Returns (logp fp32 [N], entropy fp32 [N] or None), both
     differentiable; masked tokens give 0 and no gradient. inplace_backward=True (logits only) writes
-    d logits over the logits' storage during backward.
+    d logits over the logits' storage during backward. With `shard`, weight / logits hold this rank's
+    vocabulary rows, targets are ids local to them, and the results are the whole vocabulary's.
     """
     logp, entropy, _ = _sweep(
-        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None
+        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None, shard=shard
     )
     return logp, entropy
 

@@ -1,0 +1,181 @@
+"""The vocabulary sweep over a tensor-parallel lm_head: each rank holds a contiguous shard of rows.
+
+With a process group of P ranks, rank r holds `weight` rows [start_r, start_r + V_r) of the [V, H]
+lm_head (or the matching logits columns) and the same hidden states and global target ids as every
+other rank. Each rank sweeps its own shard with the ordinary kernels; only per-token numbers cross
+ranks:
+
+- forward: every rank's (lse_r, entropy_r) and the target logit from the rank that owns it are
+  combined in fp32 by one all-reduce of the max and one packed all-reduce of sums. The combined
+  entropy is the entropy of a mixture of the shards' softmaxes, sum_r w_r (H_r - log w_r) with
+  w_r = exp(lse_r - lse): no term cancels, however large the logits.
+- backward: with the global lse and entropy each rank turns its own logits into their gradient, so
+  d logits and d weight never leave the rank; d hidden is a sum over the shards (one all-reduce,
+  or left partial for callers that reduce-scatter it under sequence parallelism).
+
+Before the sweep one all-gather lets every rank check every rank's shard, hidden size and targets, so
+bad input raises the same ValueError everywhere instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's place in a vocab-parallel lm_head: rows [start, start + size) of `vocab`."""
+
+    group: object
+    start: int
+    size: int
+    vocab: int
+    reduce_hidden_grad: bool = True
+
+    def owned(self, local_targets: torch.Tensor) -> torch.Tensor:
+        return (local_targets >= 0) & (local_targets < self.size)
+
+
+# The per-rank facts the agreement gathers, one int64 each.
+_ERROR, _START_GIVEN, _START, _SIZE, _HIDDEN, _TARGET_MIN, _TARGET_MAX = range(7)
+
+
+def agree(
+    group,
+    error: str | None,
+    *,
+    vocab_start: int | None,
+    local_vocab: int,
+    hidden_size: int,
+    targets: torch.Tensor | None,
+    where: torch.Tensor | None = None,
+    reduce_hidden_grad: bool = True,
+) -> VocabShard:
+    """Exchange this rank's validation outcome, shard layout and target range, and decide together.
+
+    `error`: this rank's validation message, or None; `hidden_size` is -1 for the logits input;
+    `targets` (global ids, where `where`) is None when validation failed. Every rank returns the same
+    layout or raises the same ValueError (naming the rank at fault). One all-gather when all is well.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
+    if error is None and vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+        error = f"vocab_start must be an int or None, got {vocab_start!r}"
+    if targets is not None:
+        device = targets.device
+    else:
+        # NCCL only moves CUDA tensors; gloo takes CPU ones.
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    picked = None if error is not None else (targets if where is None else targets[where])
+    has_targets = picked is not None and picked.numel() > 0
+    info = torch.tensor(
+        [
+            error is not None, vocab_start is not None, vocab_start if isinstance(vocab_start, int) else 0,
+            local_vocab, hidden_size,
+            picked.min().item() if has_targets else 0, picked.max().item() if has_targets else 0,
+        ],
+        dtype=torch.int64, device=device,
+    )
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(gathered, info, group=group)
+    table = torch.stack(gathered).tolist()
+    rank = dist.get_rank(group)
+    if any(row[_ERROR] for row in table):
+        # The failure path alone pays for a second collective: every rank learns the message.
+        messages = [None] * world
+        dist.all_gather_object(messages, error, group=group)
+        bad = next(r for r, row in enumerate(table) if row[_ERROR])
+        raise ValueError(f"rank {bad} of the process group: {messages[bad]}")
+    _check_layout(table)
+    starts, vocab = _starts(table)
+    return VocabShard(group, starts[rank], local_vocab, vocab, reduce_hidden_grad)
+
+
+def _check_layout(table) -> None:
+    hidden = {row[_HIDDEN] for row in table}
+    if len(hidden) > 1:
+        per_rank = [row[_HIDDEN] for row in table]
+        raise ValueError(f"hidden size H differs across ranks ({per_rank}); a vocab-parallel lm_head shares H")
+    given = {bool(row[_START_GIVEN]) for row in table}
+    if len(given) > 1:
+        raise ValueError("vocab_start must be given on every rank of the process group or on none")
+
+
+def _starts(table) -> tuple[list[int], int]:
+    """Each rank's first row and the whole vocabulary size, after checking the shards tile [0, V)."""
+    sizes = [row[_SIZE] for row in table]
+    if table[0][_START_GIVEN]:
+        starts = [row[_START] for row in table]
+    else:
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    vocab = sum(sizes)
+    end = 0
+    for start, size in sorted(zip(starts, sizes)):
+        if start != end:
+            kind = "overlap" if start < end else "leave a gap"
+            raise ValueError(
+                f"vocabulary shards {kind} at row {min(start, end)}: vocab_start per rank {starts}, "
+                f"shard sizes {sizes}; they must tile [0, V) exactly"
+            )
+        end = start + size
+    for rank, row in enumerate(table):
+        if row[_TARGET_MIN] < 0 or row[_TARGET_MAX] >= vocab:
+            bad = row[_TARGET_MIN] if row[_TARGET_MIN] < 0 else row[_TARGET_MAX]
+            raise ValueError(f"targets must lie in [0, V={vocab}); rank {rank} holds {bad}")
+    return starts, vocab
+
+
+def combine(shard: VocabShard, logp, lse, entropy, local_targets, valid_rows):
+    """Per-token results of this rank's shard -> those of the whole vocabulary, on every rank.
+
+    logp, lse, entropy (or None): [N] in the accumulation dtype, as a local sweep returns them for
+    `local_targets` (global ids minus this shard's start). Rows outside `valid_rows` (an index, or None
+    for all) come back as zeros. Two collectives: the max of lse, then one packed sum.
+    """
+    rows = slice(None) if valid_rows is None else valid_rows
+    lse_r = lse[rows]
+    peak = lse_r.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=shard.group)
+    # A row every shard sees as all -inf keeps a finite reference, so no inf - inf appears.
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weight = torch.exp(lse_r - peak)
+    present = weight > 0
+    owned = shard.owned(local_targets[rows])
+    # The owner's target logit, relative to nothing: logp + lse undoes the local normalization. A shard
+    # whose logits are all -inf has lse = -inf, and then its target logit is -inf too.
+    target_logit = torch.where(lse_r == float("-inf"), lse_r, logp[rows] + lse_r)
+    parts = [weight, torch.where(owned, target_logit, torch.zeros_like(target_logit))]
+    if entropy is not None:
+        zero = torch.zeros_like(weight)
+        parts += [torch.where(present, weight * entropy[rows], zero), torch.where(present, weight * (lse_r - peak), zero)]
+    packed = torch.stack(parts)
+    dist.all_reduce(packed, group=shard.group)
+    total = packed[0]
+    log_total = torch.log(total)
+    lse_out = torch.zeros_like(lse)
+    lse_out[rows] = peak + log_total
+    logp_out = torch.zeros_like(logp)
+    logp_out[rows] = packed[1] - lse_out[rows]
+    entropy_out = None
+    if entropy is not None:
+        # H = sum_r w_r (H_r - log w_r), w_r = exp(lse_r - peak) / total.
+        entropy_out = torch.zeros_like(entropy)
+        entropy_out[rows] = log_total + (packed[2] - packed[3]) / total
+    return logp_out, lse_out, entropy_out
+
+
+def reduce_hidden_grad(shard: VocabShard, d_hidden: torch.Tensor) -> torch.Tensor:
+    """d hidden from this shard alone -> the sum over shards (unless the caller reduces it)."""
+    if not shard.reduce_hidden_grad:
+        return d_hidden
+    if d_hidden.element_size() >= 4:
+        dist.all_reduce(d_hidden, group=shard.group)
+        return d_hidden
+    # Half-precision partials are summed in fp32: a sum of P rounded partials would round P times.
+    total = d_hidden.float()
+    dist.all_reduce(total, group=shard.group)
+    return d_hidden.copy_(total)
