@@ -469,9 +469,13 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
 
 
 class PolicyLoss(nn.Module):
-    """`policy_loss` with its config (and impl) stored: `PolicyLoss(softpo.SAPO)(targets, mask, adv, hidden=h, weight=w)`."""
+    """`policy_loss` with its config (and impl) stored: `PolicyLoss(softpo.SAPO)(targets, mask, adv, hidden=h, weight=w)`.
 
-    def __init__(self, config: LossConfig, impl: str = "auto"):
+    process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `policy_loss`.
+    """
+
+    def __init__(self, config: LossConfig, impl: str = "auto", *, process_group=None, vocab_start: int | None = None,
+                 reduce_hidden_grad: bool = True):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
@@ -479,26 +483,29 @@ class PolicyLoss(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.config = config
         self.impl = impl
+        self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
 
     def forward(self, targets, mask, advantages=None, **kwargs) -> PolicyLossOutput:
         kwargs.setdefault("impl", self.impl)
-        return policy_loss(self.config, targets, mask, advantages, **kwargs)
+        return policy_loss(self.config, targets, mask, advantages, **self.shard, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, impl={self.impl!r}"
 
 
 class TokenLogprobs(nn.Module):
-    """`token_logprobs` with temperature, entropy flag and impl stored."""
+    """`token_logprobs` with temperature, entropy flag, impl and (for a vocab-parallel lm_head) the group stored."""
 
-    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto", *,
+                 process_group=None, vocab_start: int | None = None, reduce_hidden_grad: bool = True):
         super().__init__()
         self.temperature = _check_temperature(temperature)
         self.return_entropy = return_entropy
         self.impl = impl
+        self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
 
     def forward(self, targets, *, hidden=None, weight=None, logits=None):
         return token_logprobs(
             targets, hidden=hidden, weight=weight, logits=logits,
-            temperature=self.temperature, return_entropy=self.return_entropy, impl=self.impl,
+            temperature=self.temperature, return_entropy=self.return_entropy, impl=self.impl, **self.shard,
         )

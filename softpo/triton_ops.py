@@ -166,19 +166,23 @@ def _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, 
         _accumulate(d_weight, z.T, h)
 
 
-def _gradient_buffers(hidden, weight, need_hidden, need_weight):
-    # Masked tokens keep a zero gradient; d weight sums over tiles in fp32 for half-precision weights.
-    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+def _gradient_buffers(hidden, weight, need_hidden, need_weight, rows):
+    # Every tile writes its tokens' rows of d hidden: zeros are needed only for masked tokens' rows.
+    # d weight sums over tiles, in fp32 for half-precision weights.
+    alloc = torch.empty if rows is None else torch.zeros
+    d_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
     acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
     return d_hidden, d_weight
 
 
-def _sweep_outputs(N, device, sweep: Sweep):
+def _sweep_outputs(N, device, sweep: Sweep, rows):
+    """Per-token outputs; the tiles write every valid token's, so only masked tokens need zeros."""
+    alloc = torch.empty if rows is None else torch.zeros
     f32 = dict(dtype=torch.float32, device=device)
-    entropy = torch.zeros(N, **f32) if sweep.return_entropy else None
-    term, coef = (torch.zeros(N, **f32), torch.zeros(N, **f32)) if sweep.terms is not None else (None, None)
-    return torch.zeros(N, **f32), torch.zeros(N, **f32), entropy, term, coef
+    entropy = alloc(N, **f32) if sweep.return_entropy else None
+    term, coef = (alloc(N, **f32), alloc(N, **f32)) if sweep.terms is not None else (None, None)
+    return alloc(N, **f32), alloc(N, **f32), entropy, term, coef
 
 
 class HiddenLogprobFunction(torch.autograd.Function):
@@ -196,7 +200,7 @@ class HiddenLogprobFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         _check_hidden(hidden, weight, sweep.targets)
         rows = _valid_rows(sweep)
-        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep)
+        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
         with _no_autocast(hidden):
             for idx, _, z in _projected_tiles(hidden, weight, rows):
                 _forward_tile(sweep, z, idx, outputs)
@@ -220,7 +224,7 @@ class HiddenLogprobFunction(torch.autograd.Function):
             return None, None, None
         g_logp = _grad_logp(g_out, coef, lse)
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
+        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
         with _no_autocast(hidden):
             for idx, h, z in _projected_tiles(hidden, weight, rows):
                 _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
@@ -244,10 +248,10 @@ class HiddenFusedLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, sweep: Sweep, w_term, w_entropy):
         _check_hidden(hidden, weight, sweep.targets)
         rows = _valid_rows(sweep)
-        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep)
+        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
         logp, lse, entropy, term, coef = outputs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight)
+        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
         g_logp = torch.zeros_like(coef)
         with _no_autocast(hidden):
             for idx, h, z in _projected_tiles(hidden, weight, rows):

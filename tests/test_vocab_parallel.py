@@ -127,6 +127,10 @@ def _sharded_worker(rank, world, out_dir):
     rows = slice(starts[mine], starts[mine] + sizes[rank])
     case = Case("given-starts", "loss", "hidden", "torch", torch.float64, softpo.SAPO, masked=True)
     results["given-starts"] = _run(case, 0, rows, dist.group.WORLD, starts=starts[mine])
+    # The modules store the group and pass it on.
+    hidden, weight, targets, *_ = _inputs(case, 0)
+    module = softpo.TokenLogprobs(0.8, return_entropy=True, process_group=dist.group.WORLD, impl="torch")
+    results["module"] = torch.stack(module(targets, hidden=hidden, weight=weight[_rows(rank, sizes)]))
     torch.save({"results": results, "rows": (rows.start, rows.stop)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -159,6 +163,10 @@ def test_sharded_sweep_equals_unsharded(tmp_path, world):
     case = Case("given-starts", "loss", "hidden", "torch", torch.float64, softpo.SAPO, masked=True)
     for dump in dumps:
         _compare(case, 0, dump["results"]["given-starts"], slice(*dump["rows"]))
+    hidden, weight, targets, *_ = _inputs(case, 0)
+    single = torch.stack(softpo.TokenLogprobs(0.8, return_entropy=True)(targets, hidden=hidden, weight=weight))
+    for dump in dumps:
+        torch.testing.assert_close(dump["results"]["module"], single, rtol=1e-12, atol=1e-12)
     # Every rank returns the same loss and log-probs: the objective ran identically everywhere.
     for case in _cases():
         for key in ("loss", "logp", "entropy", "d_hidden"):
