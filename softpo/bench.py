@@ -562,6 +562,11 @@ def parse_args(argv):
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="only rewrite the table and plots of a recorded JSON file, next to it")
+    parser.add_argument("--vocab-parallel", type=int, metavar="P", default=None,
+                        help="instead of the sets: the vocab-parallel sweep over P CPU processes against one")
+    parser.add_argument("--vp-shape", default="512,256,151936", metavar="N,H,V",
+                        help="shape of the --vocab-parallel case (default 512,256,151936)")
+    parser.add_argument("--vp-samples", type=int, default=3, help="timed calls per process for --vocab-parallel")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -573,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu_memory_setup()
         print(WORKER_MARK + json.dumps(_worker(json.loads(sys.stdin.read()))), flush=True)
         return 0
+    if args.vocab_parallel is not None:
+        from . import bench_vocab_parallel
+
+        return bench_vocab_parallel.main(args.vocab_parallel, args.vp_shape, args.out, args.vp_samples)
     if args.render:
         path = Path(args.render)
         doc = json.loads(path.read_text())

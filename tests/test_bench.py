@@ -162,3 +162,19 @@ def test_providers_compute_the_same_gradients(path, objective, entropy):
     for name, got in grads.items():
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_vocab_parallel_record(tmp_path):
+    """`softpo bench --vocab-parallel 2` on a tiny shape: one record with the single run and every rank."""
+    code = bench.main(["--vocab-parallel", "2", "--vp-shape", "16,8,97", "--vp-samples", "2", "--out", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("cpu-*-vocab-parallel-P2.json")
+    doc = json.loads(path.read_text())
+    assert doc["case"]["V"] == 97 and doc["case"]["processes"] == 2 and doc["versions"]["torch"]
+    assert [r["vocab_rows"] for r in doc["ranks"]] == [[0, 49], [49, 97]] and doc["single"]["vocab_rows"] == [0, 97]
+    for run in [doc["single"], *doc["ranks"]]:
+        assert run["time_median_s"] > 0 and run["n_samples"] == 2
+        # d hidden (16 x 8) and this rank's d weight rows, fp32.
+        assert run["grad_bytes"] == 4 * 8 * (16 + run["vocab_rows"][1] - run["vocab_rows"][0])
+    assert path.with_suffix(".md").read_text().startswith("# softpo vocab-parallel sweep")
+    assert bench.main(["--vocab-parallel", "2", "--vp-shape", "16,8", "--out", str(tmp_path)]) == 2

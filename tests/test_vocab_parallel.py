@@ -268,3 +268,32 @@ def test_vocab_start_without_a_group_is_refused():
     targets, mask, advantages, sweep = _single_inputs()
     with pytest.raises(ValueError, match="vocab_start applies only with a process_group"):
         softpo.token_logprobs(targets, vocab_start=0, **sweep)
+
+
+def test_readme_example_under_torchrun(tmp_path):
+    """The README's vocab-parallel example, run as a user would: torchrun with 2 processes."""
+    import subprocess
+    import sys
+
+    from distributed import free_port
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# vp_example.py")]
+    script = tmp_path / "vp_example.py"
+    script.write_text(block)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses = sorted(re.findall(r"rank (\d): loss (\S+), d weight rows (\d+)", done.stdout))
+    assert [(r, rows) for r, _, rows in losses] == [("0", "501"), ("1", "500")]
+    torch.manual_seed(0)
+    B, T, H, V = 2, 16, 64, 1001
+    hidden = torch.randn(B, T, H)
+    weight = torch.randn(V, H) / 8
+    targets = torch.randint(0, V, (B, T))
+    advantages = torch.randn(B)
+    single = softpo.policy_loss(softpo.SAPO, targets, torch.ones(B, T, dtype=torch.bool), advantages,
+                                hidden=hidden, weight=weight).loss.item()
+    assert all(math.isclose(float(loss), single, rel_tol=1e-5) for _, loss, _ in losses)
