@@ -83,33 +83,27 @@ def _row_block(row_idx_ptr, n_valid_ptr, start, N, BLOCK_N: tl.constexpr, HAS_RO
 
 
 def check_rows(N: int, device, targets, row_idx, n_valid) -> None:
-    """Validate the per-token index inputs every launcher takes."""
-    if targets.shape != (N,) or targets.dtype != torch.int64 or not targets.is_contiguous():
-        raise ValueError(f"targets must be contiguous int64 [{N}], got {targets.dtype} {tuple(targets.shape)}")
-    if (row_idx is None) != (n_valid is None):
-        raise ValueError("row_idx and n_valid must be given together")
+    """The per-token index inputs every launcher takes (asserted: the public API validated them)."""
+    assert targets.shape == (N,) and targets.dtype == torch.int64 and targets.is_contiguous()
+    assert (row_idx is None) == (n_valid is None), "row_idx and n_valid go together"
     if row_idx is not None:
-        if row_idx.shape != (N,) or row_idx.dtype != torch.int64 or not row_idx.is_contiguous():
-            raise ValueError(f"row_idx must be contiguous int64 [{N}], got {row_idx.dtype} {tuple(row_idx.shape)}")
-        if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"n_valid must be a one-element int32/int64 tensor, got {n_valid.dtype} {n_valid.shape}")
-    for name, t in (("targets", targets), ("row_idx", row_idx), ("n_valid", n_valid)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} must be on {device}, got {t.device}")
+        assert row_idx.shape == (N,) and row_idx.dtype == torch.int64 and row_idx.is_contiguous()
+        assert n_valid.numel() == 1 and n_valid.dtype in (torch.int32, torch.int64)
+    assert all(t is None or t.device == device for t in (targets, row_idx, n_valid))
 
 
-def pick_config(configs, V: int, H: int = 0):
-    """The first config whose (max_v, max_h) bounds admit this problem; the last one otherwise."""
-    for max_v, max_h, config in configs:
-        if V <= max_v and H <= max_h:
+def pick_config(configs, V: int):
+    """The first config whose max_v bound admits this vocabulary; the last one otherwise."""
+    for max_v, config in configs:
+        if V <= max_v:
             return config
-    return configs[-1][2]
+    return configs[-1][1]
 
 
-def launch(kernel, tuned_cache: dict, configs, interpret_config, grid, V: int, H: int, kwargs, key, **autotune_kwargs):
+def launch(kernel, tuned_cache: dict, configs, interpret_config, grid, V: int, kwargs, key, **autotune_kwargs):
     """Launch `kernel` with its default config, the interpreter's small one, or the autotuned best.
 
-    `grid` takes the config's meta-parameters. Autotuning is keyed on V and H only: token counts
+    `grid` takes the config's meta-parameters. Autotuning is keyed on V only: token counts
     change every step and would retune forever.
     """
     if interpreting():
@@ -118,11 +112,11 @@ def launch(kernel, tuned_cache: dict, configs, interpret_config, grid, V: int, H
         cache_key = (kernel, id(configs), repr(sorted(autotune_kwargs.items())))
         if cache_key not in tuned_cache:
             tuned_cache[cache_key] = triton.autotune(
-                configs=[c for _, _, c in configs], key=key, **autotune_kwargs
+                configs=[c for _, c in configs], key=key, **autotune_kwargs
             )(kernel)
         tuned_cache[cache_key][grid](**kwargs)
         return
     else:
-        config = pick_config(configs, V, H)
+        config = pick_config(configs, V)
     meta = dict(config.kwargs)
     kernel[grid(meta)](**kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -16,23 +16,23 @@ from .terms import _finish_rows, terms_kwargs
 
 LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-# (max V, unused, config). Both passes stream the logits once and are bound by memory: one row per
+# (max V, config). Both passes stream the logits once and are bound by memory: one row per
 # program with a wide vocabulary tile keeps enough bytes in flight (bench/tune_logits.py; on an H100
 # at N=16384, V=151936 bf16 the forward reads at 2.3 TB/s and the backward reads and writes at 2.85
 # TB/s, against a 3.0 TB/s copy; bench/NOTES.md).
 _C = triton.Config
-_SMALL_V = (2048, 1 << 62, _C({"BLOCK_N": 8, "BLOCK_V": 256}, num_warps=4, num_stages=2))
+_SMALL_V = (2048, _C({"BLOCK_N": 8, "BLOCK_V": 256}, num_warps=4, num_stages=2))
 _FWD_CONFIGS = [
     _SMALL_V,
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=4, num_stages=2)),
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 2048}, num_warps=4, num_stages=2)),
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 4, "BLOCK_V": 2048}, num_warps=8, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=4, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 2048}, num_warps=4, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 4, "BLOCK_V": 2048}, num_warps=8, num_stages=2)),
 ]
 _BWD_CONFIGS = [
     _SMALL_V,
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=8, num_stages=2)),
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 8192}, num_warps=8, num_stages=2)),
-    (1 << 62, 1 << 62, _C({"BLOCK_N": 4, "BLOCK_V": 2048}, num_warps=8, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=8, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 1, "BLOCK_V": 8192}, num_warps=8, num_stages=2)),
+    (1 << 62, _C({"BLOCK_N": 4, "BLOCK_V": 2048}, num_warps=8, num_stages=2)),
 ]
 _INTERPRET_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_V": 64}, num_warps=4, num_stages=1)
 _TUNED: dict = {}
@@ -115,13 +115,10 @@ def _logits_bwd_kernel(
 
 
 def _check(logits, targets, row_idx, n_valid):
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
+    # softpo.api validated the inputs; these asserts only document the launchers' contract.
+    assert logits.dim() == 2 and logits.shape[1] >= 1, tuple(logits.shape)
+    assert logits.dtype in LOGIT_DTYPES, logits.dtype
     N, V = logits.shape
-    if logits.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits must have one of {LOGIT_DTYPES}, got {logits.dtype}")
-    if V < 1:
-        raise ValueError(f"logits must have V >= 1, got {tuple(logits.shape)}")
     check_rows(N, logits.device, targets, row_idx, n_valid)
     return N, V
 
@@ -130,12 +127,13 @@ def logits_logprob_fwd(logits, targets, *, temperature=1.0, row_idx=None, n_vali
                        return_entropy=False, terms=None):
     """Per-token logp, lse (and entropy) of targets under softmax(logits / temperature).
 
-    logits [N, V] with any strides; targets int64 [N]; row_idx / n_valid / terms as in
-    `hidden_logprob_fwd`. Returns (logp, lse, entropy or None, term or None, coef or None), fp32 [N].
+    logits [N, V] with any strides; targets int64 [N] (a target outside [0, V) selects no logit: its
+    logp is -lse); row_idx / n_valid: the valid-first row order (`softpo.rows.valid_first`), masked
+    rows skipped; terms: the epilogue's inputs (`kernels.terms.TermsArgs`) or None. Returns (logp, lse,
+    entropy or None, term or None, coef or None), fp32 [N].
     """
     N, V = _check(logits, targets, row_idx, n_valid)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    assert temperature > 0, temperature
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(N, **f32)
     lse = torch.empty(N, **f32)
@@ -154,7 +152,7 @@ def logits_logprob_fwd(logits, targets, *, temperature=1.0, row_idx=None, n_vali
     )
     launch(
         _logits_fwd_kernel, _TUNED, _FWD_CONFIGS, _INTERPRET_CONFIG,
-        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, 0, kwargs, key=["V"],
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, kwargs, key=["V"],
     )
     return logp, lse, entropy, term, coef
 
@@ -167,17 +165,13 @@ def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=
     gradient over the logits in place. Masked rows get zeros.
     """
     N, V = _check(logits, targets, row_idx, n_valid)
-    if g_logp.shape != (N,) or g_logp.dtype != torch.float32 or not g_logp.is_contiguous():
-        raise ValueError(f"g_logp must be contiguous float32 [{N}], got {g_logp.dtype} {tuple(g_logp.shape)}")
-    if g_entropy is not None and entropy is None:
-        raise ValueError("entropy (from the forward) is required with g_entropy")
+    assert g_logp.shape == (N,) and g_logp.dtype == torch.float32 and g_logp.is_contiguous()
+    assert g_entropy is None or entropy is not None, "g_entropy needs the forward's entropy"
     if out is None:
         out = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
-    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
-        raise ValueError(f"out must match logits ({logits.dtype} {logits.shape}), got {out.dtype} {out.shape}")
+    assert out.shape == logits.shape and out.dtype == logits.dtype and out.device == logits.device
     inplace = out.data_ptr() == logits.data_ptr()
-    if inplace and out.stride() != logits.stride():
-        raise ValueError("out must have the logits' strides when it shares their storage")
+    assert not inplace or out.stride() == logits.stride(), "in place needs the logits' strides"
     if N == 0:
         return out
     kwargs = dict(
@@ -194,6 +188,6 @@ def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=
     tune = dict(restore_value=["logits_ptr"]) if inplace else {}
     launch(
         _logits_bwd_kernel, _TUNED, _BWD_CONFIGS, _INTERPRET_CONFIG,
-        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, 0, kwargs, key=["V"], **tune,
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, kwargs, key=["V"], **tune,
     )
     return out

@@ -137,7 +137,7 @@ def _flat(tensor):
     return None if tensor is None else tensor.reshape(-1)
 
 
-def _sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False,
+def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False,
            shard=None):
     """The plain route: per-token log-prob (and entropy) on the chosen path, flat [N] results."""
     if logits is not None:
@@ -237,15 +237,15 @@ def token_logprobs(
             _check_target_range(checks, targets, V)
             checks.run()
         path = _resolve_impl(impl, targets.device, (logits if logits is not None else hidden).dtype)
-        if inplace_backward and (logits is None or path != "triton"):
-            raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
+        if inplace_backward:
+            _check_inplace(logits, path)
         return checked_temperature, path
 
     (checked_temperature, path), shard = _decide(
         validate, process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits,
     )
-    logp, entropy = _sweep(
+    logp, entropy = _logprob_sweep(
         path, _local_targets(targets.reshape(-1).long(), shard), hidden, weight, logits, checked_temperature,
         return_entropy, None, inplace_backward, shard,
     )
@@ -253,6 +253,22 @@ def token_logprobs(
     if return_entropy:
         return logp, entropy.view(targets.shape)
     return logp
+
+
+def _check_inplace(logits, path: str):
+    if logits is None or path != "triton":
+        raise ValueError("inplace_backward needs logits and the Triton path (CUDA tensors or impl='triton')")
+    if not logits.requires_grad:
+        return
+    # A view's storage belongs to its base: writing through a view of a leaf overwrites the leaf.
+    base = logits if logits._base is None else logits._base
+    if logits.grad_fn is None or base.grad_fn is None:
+        raise ValueError(
+            "inplace_backward=True would overwrite a leaf tensor's data with its gradient; "
+            "pass logits produced by an autograd op (e.g. the lm_head matmul), or inplace_backward=False"
+        )
+    if any(stride == 0 and size > 1 for stride, size in zip(logits.stride(), logits.shape)):
+        raise ValueError("inplace_backward=True needs logits whose elements do not overlap (no stride 0)")
 
 
 def _check_bt(checks, name, tensor, shape, device, *, mask=None, required=False, dtype=torch.float32):
@@ -395,7 +411,7 @@ def policy_loss(
     route = _route(config, inputs, hidden, weight, shard)
     surrogate = terms = None
     if route == "plain":
-        logp, entropy = _sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
+        logp, entropy = _logprob_sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
                                config.needs_entropy, valid, shard=shard)
     else:
         surrogate, terms, logp, entropy = _fused_sweep(route, config, inputs, flat_targets, valid, hidden, weight,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import vocab_parallel
+from .rows import chunks
 
 # A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 16 MiB: small enough that the allocator reuses
 # it from chunk to chunk instead of mapping fresh pages each time (glibc maps blocks above 32 MiB),
@@ -82,7 +83,7 @@ def _pick_targets(z, targets, col_offset, picked):
     return torch.where(inside, tile_pick, picked)
 
 
-def _tile_grad_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
+def _grad_tile_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
     """Turn a tile of scaled logits, in place, into d loss / d z for that tile.
 
     d logp / d z_v = 1[v = y] - p_v and d H / d z_v = -p_v (log p_v + H).
@@ -112,8 +113,7 @@ def _forward_sweep(valid_rows, targets, V, N, acc, args, tiles_for):
     logp = torch.zeros(N, dtype=acc, device=device)
     entropy = torch.zeros(N, dtype=acc, device=device) if args.return_entropy else None
     lse_all = torch.zeros(N, dtype=acc, device=device)
-    for start in range(0, valid_rows.numel(), args.token_chunk):
-        rows = valid_rows[start : start + args.token_chunk]
+    for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
         t = targets[rows]
         tile = tiles_for(rows)
         state = OnlineLogSumExp(rows.numel(), lse_all, args.return_entropy)
@@ -138,8 +138,7 @@ def _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entr
     acc = lse_all.dtype
     if g_logp is None:
         g_logp = torch.zeros_like(lse_all)
-    for start in range(0, valid_rows.numel(), args.token_chunk):
-        rows = valid_rows[start : start + args.token_chunk]
+    for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
         t = targets[rows]
         gl = g_logp[rows].to(acc)
         ge = g_entropy[rows].to(acc) if g_entropy is not None else None
@@ -147,10 +146,10 @@ def _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entr
         tile = tiles_for(rows)
         for v0 in range(0, V, args.vocab_chunk):
             v1 = min(v0 + args.vocab_chunk, V)
-            consume(rows, v0, v1, _tile_grad_(tile(v0, v1), lse_all[rows], ent, t, v0, gl, ge))
+            consume(rows, v0, v1, _grad_tile_(tile(v0, v1), lse_all[rows], ent, t, v0, gl, ge))
 
 
-class ChunkedHiddenLogprob(torch.autograd.Function):
+class ChunkedHiddenLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, valid_rows, args: SweepArgs):
         # An unused entropy output then arrives as None and its gradient term is skipped.
@@ -227,7 +226,7 @@ def _logits_tiles(logits, acc, temperature):
     return tiles_for
 
 
-class ChunkedLogitsLogprob(torch.autograd.Function):
+class ChunkedLogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, valid_rows, args: SweepArgs):
         ctx.set_materialize_grads(False)
@@ -277,14 +276,16 @@ def chunked_token_logprobs(
     With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them."""
     N = targets.shape[0]
     device = targets.device
+    # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
+    # its tiles in place.
     valid_rows = torch.arange(N, device=device) if valid is None else valid.nonzero().squeeze(-1)
     args = SweepArgs(
         float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard
     )
     if logits is not None:
-        out = ChunkedLogitsLogprob.apply(logits, targets, valid_rows, args)
+        out = ChunkedLogitsLogprobFunction.apply(logits, targets, valid_rows, args)
     else:
-        out = ChunkedHiddenLogprob.apply(hidden, weight, targets, valid_rows, args)
+        out = ChunkedHiddenLogprobFunction.apply(hidden, weight, targets, valid_rows, args)
     if return_entropy:
         return out
     return out, None

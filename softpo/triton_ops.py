@@ -1,8 +1,9 @@
 """Autograd over the Triton vocabulary sweeps in `softpo.kernels`.
 
-Two entry points, called by `softpo.api` with validated, flattened inputs:
-`triton_token_logprobs` (per-token log-prob and entropy) and `triton_fused_token_terms` (the same
-sweep with a token-level objective's terms evaluated in the forward kernel's epilogue).
+Three entry points, called by `softpo.api` with validated, flattened inputs (they trust their caller):
+`triton_token_logprobs` (per-token log-prob and entropy), `triton_fused_token_terms` (the same sweep
+with a token-level objective's terms evaluated in the forward kernel's epilogue) and
+`triton_fused_token_loss` (the hidden path with the loss's gradient formed during the forward sweep).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import kernels as K
 from . import vocab_parallel
 from .config import LossConfig
+from .rows import chunks, put, take, valid_first, valid_rows
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,6 @@ class Sweep:
     inplace_backward: bool = False
     terms: K.TermsArgs | None = None
     shard: vocab_parallel.VocabShard | None = None
-
-
-def _row_order(valid: torch.Tensor | None):
-    """(row_idx, n_valid): every token, valid ones first, so kernels skip the masked ones without a host sync."""
-    if valid is None:
-        return None, None
-    row_idx = torch.argsort(valid.to(torch.uint8), descending=True, stable=True)
-    return row_idx, valid.sum(dtype=torch.int64).reshape(1)
 
 
 def _grad_logp(g_out, coef, like):
@@ -69,25 +63,6 @@ def _tile_rows(n: int, V: int, element_size: int) -> int:
     return max(1, min(n, rows))
 
 
-def _chunks(n: int, step: int, rows: torch.Tensor | None):
-    """Index of each chunk of the valid tokens: a slice when every token is valid, else positions."""
-    for c0 in range(0, n, step):
-        yield slice(c0, min(c0 + step, n)) if rows is None else rows[c0:c0 + step]
-
-
-def _take(t, idx):
-    if t is None:
-        return None
-    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
-
-
-def _put(full, idx, part):
-    if isinstance(idx, slice):
-        full[idx] = part
-    else:
-        full.index_copy_(0, idx, part)
-
-
 def _accumulate(acc, a, b):
     """acc += a @ b with acc in fp32 for half-precision a, b, without rounding a @ b to their dtype first:
     per-chunk rounding of d weight to bf16 adds up over the chunks."""
@@ -100,18 +75,9 @@ def _accumulate(acc, a, b):
 
 
 def _check_hidden(hidden, weight, targets):
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
-    if hidden.dtype not in HIDDEN_DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must share one of {HIDDEN_DTYPES}, got {hidden.dtype} and {weight.dtype}")
-    if weight.shape[0] < 1 or weight.shape[1] < 1:
-        raise ValueError(f"weight must have V >= 1 and H >= 1, got {tuple(weight.shape)}")
-    if weight.device != hidden.device or targets.device != hidden.device:
-        raise ValueError(f"weight and targets must be on {hidden.device}, got {weight.device} and {targets.device}")
+    assert hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1] >= 1
+    assert hidden.dtype in HIDDEN_DTYPES and weight.dtype == hidden.dtype and weight.shape[0] >= 1
+    assert weight.device == hidden.device == targets.device
 
 
 _PER_TOKEN_TERMS = ("advantages", "old_logp", "ref_logp", "is_weight")
@@ -125,8 +91,8 @@ def _projected_tiles(hidden, weight, rows):
         return
     step = _tile_rows(n, V, hidden.element_size())
     tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
-    for idx in _chunks(n, step, rows):
-        h = _take(hidden, idx)
+    for idx in chunks(n, step, rows):
+        h = take(hidden, idx)
         z = tile[: h.shape[0]]
         torch.mm(h, weight.T, out=z)
         yield idx, h, z
@@ -138,30 +104,30 @@ def _no_autocast(tensor):
 
 
 def _valid_rows(sweep: Sweep):
-    # One host sync: the number of valid tokens fixes the tiles, and masked ones cost no matmul.
-    return None if sweep.row_idx is None else sweep.row_idx[: int(sweep.n_valid)]
+    # The number of valid tokens fixes the tiles, and masked ones cost no matmul.
+    return valid_rows(sweep.row_idx, sweep.n_valid)
 
 
 def _forward_tile(sweep: Sweep, z, idx, outputs):
     """The forward sweep of one tile; its per-token results land in `outputs` (logp, lse, entropy, term, coef)."""
     terms = sweep.terms and dataclasses.replace(
-        sweep.terms, **{name: _take(getattr(sweep.terms, name), idx) for name in _PER_TOKEN_TERMS}
+        sweep.terms, **{name: take(getattr(sweep.terms, name), idx) for name in _PER_TOKEN_TERMS}
     )
-    parts = K.logits_logprob_fwd(z, _take(sweep.targets, idx), temperature=sweep.temperature,
+    parts = K.logits_logprob_fwd(z, take(sweep.targets, idx), temperature=sweep.temperature,
                                  return_entropy=sweep.return_entropy, terms=terms)
     for full, part in zip(outputs, parts):
         if full is not None:
-            _put(full, idx, part)
+            put(full, idx, part)
 
 
 def _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, temperature, d_hidden, d_weight):
     """Turn the tile into d logits in place, then add its share of d hidden and d weight."""
     K.logits_logprob_bwd(
-        z, _take(targets, idx), _take(lse, idx), _take(g_logp, idx), entropy=_take(entropy, idx),
-        g_entropy=_take(g_entropy, idx), temperature=temperature, out=z,
+        z, take(targets, idx), take(lse, idx), take(g_logp, idx), entropy=take(entropy, idx),
+        g_entropy=take(g_entropy, idx), temperature=temperature, out=z,
     )
     if d_hidden is not None:
-        _put(d_hidden, idx, z @ weight)
+        put(d_hidden, idx, z @ weight)
     if d_weight is not None:
         _accumulate(d_weight, z.T, h)
 
@@ -256,7 +222,7 @@ class HiddenFusedLossFunction(torch.autograd.Function):
         with _no_autocast(hidden):
             for idx, h, z in _projected_tiles(hidden, weight, rows):
                 _forward_tile(sweep, z, idx, outputs)
-                _put(g_logp, idx, _take(w_term, idx) * _take(coef, idx))
+                put(g_logp, idx, take(w_term, idx) * take(coef, idx))
                 _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, w_entropy,
                                sweep.temperature, d_hidden, d_weight)
         surrogate = (w_term * term).sum()
@@ -319,37 +285,20 @@ class LogitsLogprobFunction(torch.autograd.Function):
         return d_logits, None
 
 
-def _check_inplace(logits: torch.Tensor):
-    if not logits.requires_grad:
-        return
-    # A view's storage belongs to its base: writing through a view of a leaf overwrites the leaf.
-    base = logits if logits._base is None else logits._base
-    if logits.grad_fn is None or base.grad_fn is None:
-        raise ValueError(
-            "inplace_backward=True would overwrite a leaf tensor's data with its gradient; "
-            "pass logits produced by an autograd op (e.g. the lm_head matmul), or inplace_backward=False"
-        )
-    if any(stride == 0 and size > 1 for stride, size in zip(logits.stride(), logits.shape)):
-        raise ValueError("inplace_backward=True needs logits whose elements do not overlap (no stride 0)")
-
-
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device, which need not hold the tensors (a model split over
     GPUs in one process). The backward needs no guard: autograd runs it on its gradients' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
+def _apply(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
            loss_weights=None, shard=None):
-    if (logits is None) == (hidden is None and weight is None):
-        raise ValueError("give either logits, or hidden and weight")
-    if loss_weights is not None and (hidden is None or weight is None or terms is None):
-        raise ValueError("loss_weights need hidden and weight and a token-level objective's terms")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != targets.shape):
-        raise ValueError(f"valid must be bool with targets' shape {targets.shape}, got {valid.dtype} {valid.shape}")
-    row_idx, n_valid = _row_order(valid)
+    """The autograd Function that fits the inputs, applied on the tensors' device."""
+    assert (logits is None) != (hidden is None or weight is None), "logits, or hidden and weight"
+    assert loss_weights is None or (hidden is not None and terms is not None)
+    assert not inplace_backward or logits is not None, "inplace_backward is the logits path's"
+    assert valid is None or (valid.dtype == torch.bool and valid.shape == targets.shape)
+    row_idx, n_valid = valid_first(valid)
     sweep = Sweep(
         targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms,
         shard,
@@ -358,14 +307,8 @@ def _sweep(targets, hidden, weight, logits, temperature, return_entropy, valid, 
         with _on_device(targets.device):
             return HiddenFusedLossFunction.apply(hidden, weight, sweep, *loss_weights)
     if logits is not None:
-        if inplace_backward:
-            _check_inplace(logits)
         with _on_device(targets.device):
             return LogitsLogprobFunction.apply(logits, sweep)
-    if hidden is None or weight is None:
-        raise ValueError("hidden and weight must be given together")
-    if inplace_backward:
-        raise ValueError("inplace_backward applies to the logits path only")
     with _on_device(targets.device):
         return HiddenLogprobFunction.apply(hidden, weight, sweep)
 
@@ -390,7 +333,7 @@ def triton_token_logprobs(
     d logits over the logits' storage during backward. With `shard`, weight / logits hold this rank's
     vocabulary rows, targets are ids local to them, and the results are the whole vocabulary's.
     """
-    logp, entropy, _ = _sweep(
+    logp, entropy, _ = _apply(
         targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None, shard=shard
     )
     return logp, entropy
@@ -398,13 +341,8 @@ def triton_token_logprobs(
 
 def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None) -> K.TermsArgs:
     """The kernel epilogue's arguments for a token-level policy objective."""
-    if config.objective != "policy" or config.importance_sampling_level != "token":
-        raise ValueError(
-            "config must be a token-level policy objective (objective='policy', importance_sampling_level='token'), "
-            f"got objective={config.objective!r}, importance_sampling_level={config.importance_sampling_level!r}"
-        )
-    if config.beta > 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when config.beta > 0")
+    assert config.objective == "policy" and config.importance_sampling_level == "token", config.name
+    assert config.beta == 0 or ref_logp is not None, "beta > 0 needs ref_logp"
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     gate = {"clip": K.GATE_CLIP, "soft": K.GATE_SOFT, "cispo": K.GATE_TRUNCATED}[config.gate]
     if config.gate == "cispo":
@@ -445,12 +383,11 @@ def triton_fused_token_loss(
     differentiable scalar whose gradient is the loss's gradient with respect to hidden and weight, and
     the per-token values (detached) from which the caller computes the loss's value and metrics.
     """
-    for name, w in (("w_term", w_term), ("w_entropy", w_entropy)):
-        if w is not None and (w.shape != targets.shape or w.dtype != torch.float32 or w.device != targets.device):
-            raise ValueError(f"{name} must be float32 with targets' shape {tuple(targets.shape)} on {targets.device}")
+    for w in (w_term, w_entropy):
+        assert w is None or (w.shape == targets.shape and w.dtype == torch.float32 and w.device == targets.device)
     terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
     weights = (w_term.contiguous(), None if w_entropy is None else w_entropy.contiguous())
-    surrogate, term, entropy, logp = _sweep(
+    surrogate, term, entropy, logp = _apply(
         targets, hidden, weight, None, temperature, return_entropy or w_entropy is not None, valid, False, terms,
         loss_weights=weights,
     )
@@ -480,7 +417,7 @@ def triton_fused_token_terms(
     None). The backward is the log-prob sweep with grad_logp = grad_terms * d term / d logp.
     """
     terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
-    term, entropy, logp = _sweep(
+    term, entropy, logp = _apply(
         targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms
     )
     return term, logp, entropy

@@ -183,7 +183,7 @@ def test_logits_path_matches_reference(N, H, V, dtype, extra):
 @pytest.mark.skipif(not CUDA, reason="the 65,535 grid-axis limit exists only compiled; too slow interpreted")
 @pytest.mark.parametrize("path,N,H,V", [
     pytest.param("logits", 600_000, 0, 64, id="logits-N600000"),  # > 65,535 blocks of 8 rows
-    pytest.param("hidden", 2_200_000, 16, 8, id="hidden-N2200000"),  # > 65,535 blocks of 32 rows
+    pytest.param("hidden", 2_200_000, 16, 8, id="hidden-N2200000"),  # > 65,535 blocks of 8 rows in each tile's sweep
 ])
 def test_many_rows(path, N, H, V):
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -352,11 +352,11 @@ def test_inplace_backward_refuses_when_autograd_still_needs_the_logits():
         logp.sum().backward()
     # A leaf's data belongs to the caller: refused up front.
     with pytest.raises(ValueError, match="leaf"):
-        triton_token_logprobs(targets, logits=base, inplace_backward=True)
+        softpo.token_logprobs(targets, logits=base, impl="triton", inplace_backward=True)
     with pytest.raises(ValueError, match="leaf"):
-        triton_token_logprobs(targets[:20], logits=base[:20], inplace_backward=True)
-    with pytest.raises(ValueError, match="logits path only"):
-        triton_token_logprobs(targets, hidden=base, weight=base, inplace_backward=True)
+        softpo.token_logprobs(targets[:20], logits=base[:20], impl="triton", inplace_backward=True)
+    with pytest.raises(ValueError, match="inplace_backward needs logits"):
+        softpo.token_logprobs(targets, hidden=base, weight=base.new_ones(97, 97), impl="triton", inplace_backward=True)
     # Logits changed between forward and backward: the saved-tensor check catches it.
     logits = base * 1.0
     logp, _ = triton_token_logprobs(targets, logits=logits, inplace_backward=True)
@@ -365,20 +365,21 @@ def test_inplace_backward_refuses_when_autograd_still_needs_the_logits():
         logp.sum().backward()
 
 
-def test_launchers_reject_bad_inputs():
+def test_lower_layers_assert_their_contract():
+    """Validation is the public API's (tests/test_validation.py); below it, a broken contract is a bug
+    in softpo and stops at an assert rather than launching on bad pointers."""
     h = torch.randn(4, 8, device=DEVICE)
     w = torch.randn(5, 8, device=DEVICE)
     t = torch.zeros(4, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="weight"):
-        triton_token_logprobs(t, hidden=h, weight=torch.randn(5, 7, device=DEVICE))
-    with pytest.raises(ValueError, match="share one of"):
-        triton_token_logprobs(t, hidden=h, weight=w.double())
-    with pytest.raises(ValueError, match="targets"):
-        triton_token_logprobs(t.int(), hidden=h, weight=w)
-    with pytest.raises(ValueError, match="temperature"):
-        K.logits_logprob_fwd(h, t, temperature=0.0)
-    with pytest.raises(ValueError, match="row_idx"):
-        K.logits_logprob_fwd(h, t, row_idx=t)
+    for call in (
+        lambda: triton_token_logprobs(t, hidden=h, weight=torch.randn(5, 7, device=DEVICE)),
+        lambda: triton_token_logprobs(t, hidden=h, weight=w.double()),
+        lambda: triton_token_logprobs(t.int(), hidden=h, weight=w),
+        lambda: K.logits_logprob_fwd(h, t, temperature=0.0),
+        lambda: K.logits_logprob_fwd(h, t, row_idx=t),
+    ):
+        with pytest.raises(AssertionError):
+            call()
 
 
 # Token-level objectives through the fused epilogue, against token_terms on the reference logp.
@@ -534,14 +535,15 @@ def test_hidden_path_ignores_an_enclosing_autocast():
         assert autocast.dtype == plain.dtype and torch.equal(autocast, plain)
 
 
-def test_fused_rejects_sequence_level_configs():
+def test_fused_asserts_a_token_level_config():
+    # policy_loss routes only token-level objectives (with ref_logp when beta > 0) to the epilogue.
     hidden, weight, targets, _, _, _ = _inputs(4, 16, 10, {})
     adv = torch.zeros(4, device=DEVICE)
-    with pytest.raises(ValueError, match="token-level"):
+    with pytest.raises(AssertionError, match="gspo"):
         triton_fused_token_terms(
             softpo.GSPO, targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
         )
-    with pytest.raises(ValueError, match="ref_logp"):
+    with pytest.raises(AssertionError, match="ref_logp"):
         triton_fused_token_terms(
             softpo.GRPO.replace(beta=0.1), targets, None, hidden=hidden.float(), weight=weight.float(), advantages=adv
         )
@@ -586,7 +588,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=2, KL_RATIO=False),
         dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True),
     ]
-    fwd_config, bwd_config = logits._FWD_CONFIGS[1][2], logits._BWD_CONFIGS[1][2]
+    fwd_config, bwd_config = logits._FWD_CONFIGS[1][1], logits._BWD_CONFIGS[1][1]
     compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms)
     compile_kernel(logits._logits_bwd_kernel, bwd_config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
     compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False,
@@ -594,10 +596,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
     # Every row of the config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
     for dtype in ("bf16", "fp32"):
-        for _, _, config in logits._FWD_CONFIGS:
+        for _, config in logits._FWD_CONFIGS:
             compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
                            **all_terms[0])
-        for _, _, config in logits._BWD_CONFIGS:
+        for _, config in logits._BWD_CONFIGS:
             compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
     print("compiled")
     """

@@ -1,5 +1,5 @@
 """The RL loop (`softpo train`): rewards, advantages, sampling/scoring agreement, run directory, resume,
-presets, bad arguments and data parallel. Tiny runs only: the default 10-minute job is not a test."""
+presets, bad arguments and data parallel. Tiny runs only: the default job (about a minute) is not a test."""
 
 import json
 import os
