@@ -105,92 +105,98 @@ def _rows(N: int, T: int = 2048) -> tuple[int, int]:
     return N // T, T
 
 
+@dataclass(frozen=True)
+class Family:
+    """Cases that differ only in N (a line against N in the plots), or one case when a single N is given."""
+
+    path: str
+    mode: str
+    pairs: tuple[tuple[str, bool], ...]  # (objective, entropy) of each line
+    Ns: tuple[int, ...]
+    V: int
+    T: int = 2048  # tokens per row (fewer when N is smaller)
+    tag: str = ""
+
+
+SWEEP = (4096, 8192, 16384, 32768, 65536)
+LLAMA_NS = (4096, 16384, 65536)
+SAPO, LOGP, LOGP_ENTROPY = (("sapo", False),), (("logp", False),), (("logp", True),)
+# Every objective with and without entropy, but plain SAPO (the sweeps already have it).
+OTHERS = tuple((o, e) for o in OBJECTIVES for e in (False, True) if (o, e) != ("sapo", False))
+HEADLINE = 16384  # the GPU set's headline N
+
+
+def _per_path(*families):
+    return tuple(dataclasses.replace(f, path=path) for path in ("hidden", "logits") for f in families)
+
+
+# Each set: dtype, H, its families in order, and which providers it leaves out of a case (and why).
+SETS = {
+    "full": dict(dtype="bf16", H=4096, families=(
+        *_per_path(Family("", "fwdbwd", SAPO, SWEEP, 151936), Family("", "fwdbwd", SAPO, LLAMA_NS, 128256),
+                   Family("", "fwdbwd", OTHERS, (HEADLINE,), 151936)),
+        Family("hidden", "fwd", LOGP, SWEEP, 151936),
+        Family("hidden", "fwd", LOGP, LLAMA_NS, 128256),
+        Family("hidden", "fwd", LOGP_ENTROPY, (HEADLINE,), 151936),
+        # One row of 131072 tokens: offsets past 2^31 elements, and no token axis on a 65535-limited grid.
+        # On the Llama-3 vocabulary: at V=151936 the logits and their gradient alone (80 GB) overflow an H100.
+        Family("logits", "fwdbwd", SAPO, (131072,), 128256, T=131072, tag="row"),
+    )),
+    "quick": dict(dtype="fp32", H=256, families=(
+        *_per_path(Family("", "fwdbwd", SAPO, (256, 1024, 4096), 8192, T=256),
+                   Family("", "fwdbwd", OTHERS, (1024,), 8192, T=256)),
+        Family("hidden", "fwd", LOGP, (256, 1024, 4096), 8192, T=256),
+        Family("hidden", "fwd", LOGP_ENTROPY, (1024,), 8192, T=256),
+        Family("logits", "fwdbwd", SAPO, (16384,), 4096, T=16384, tag="row"),
+        # The core issue's memory case: N=4096, H=256, V=151936, fp32.
+        Family("hidden", "fwd", LOGP, (4096,), 151936, T=1024),
+        Family("hidden", "fwdbwd", SAPO, (4096,), 151936, T=1024),
+    )),
+    "tiny": dict(dtype="fp32", H=32, families=(
+        Family("hidden", "fwdbwd", SAPO, (64,), 1000, T=32),
+        Family("logits", "fwdbwd", (("grpo", False),), (64,), 1000, T=32),
+        Family("hidden", "fwd", LOGP, (64,), 1000, T=32),
+    )),
+}
+
+
+def _skips(set_name: str, case: Case) -> tuple[tuple[str, str], ...]:
+    """The providers a set leaves out of a case, with the reason."""
+    plain = case.objective in ("sapo", "logp") and not case.entropy and not case.tag
+    if set_name == "full":
+        # The whole set has to fit a GPU session's budget (about 10 minutes of measurement): the two
+        # providers that cost minutes per case run where they say the most.
+        skips = []
+        if not (plain and case.N == HEADLINE and case.V == 151936):
+            skips.append(("torch-compile", f"torch.compile runs on the SAPO N={HEADLINE} V=151936 cases only: "
+                          "a compile per shape and objective costs a minute"))
+        if case.N != 4096:
+            skips.append(("softpo-torch", "softpo's chunked torch path (the CPU fallback, fp32 matmuls) runs on "
+                          "the N=4096 cases only on GPU"))
+        return tuple(skips)
+    if set_name == "quick":
+        if plain and case.N == 1024 and case.V == 8192:
+            return ()
+        return (("torch-compile", "left out of --quick: a CPU compile per case takes tens of seconds; "
+                 "it runs on the N=1024 SAPO cases"),)
+    return (("torch-compile", "left out of --tiny: a CPU compile takes tens of seconds"),)
+
+
 def case_set(name: str) -> list[Case]:
     """The cases of a set: "full" (GPU shapes), "quick" (CPU, small shapes plus the core memory case)
     or "tiny" (seconds, for the test that keeps the harness working)."""
-    cases: list[Case] = []
-    if name == "full":
-        H, dt = 4096, "bf16"
-        sweep = (4096, 8192, 16384, 32768, 65536)
-        # The whole set has to fit a GPU session's budget (about 10 minutes of measurement): the two
-        # providers that cost minutes per case run where they say the most.
-        headline = 16384
-        compile_skip = ("torch-compile", f"torch.compile runs on the SAPO N={headline} V=151936 cases only: "
-                        "a compile per shape and objective costs a minute")
-        torch_skip = ("softpo-torch", "softpo's chunked torch path (the CPU fallback, fp32 matmuls) runs on "
-                      "the N=4096 cases only on GPU")
-
-        def skips(objective, entropy, N, V):
-            out = []
-            if not (objective in ("sapo", "logp") and not entropy and N == headline and V == 151936):
-                out.append(compile_skip)
-            if N != 4096:
-                out.append(torch_skip)
-            return tuple(out)
-
-        for path in ("hidden", "logits"):
-            extra = {"H": H} if path == "hidden" else {}
-            # The memory sweep: SAPO over N on the Qwen vocabulary.
-            for N in sweep:
-                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N), 151936, dtype=dt,
-                                  skip=skips("sapo", False, N, 151936), **extra))
-            for N in (4096, 16384, 65536):
-                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N), 128256, dtype=dt,
-                                  skip=skips("sapo", False, N, 128256), **extra))
-            # Every objective, entropy on and off, at the issue's headline shape.
-            for objective in OBJECTIVES:
-                for entropy in (False, True):
-                    if objective == "sapo" and not entropy:
-                        continue  # already in the sweep
-                    cases.append(Case(path, "fwdbwd", objective, entropy, *_rows(headline), 151936, dtype=dt,
-                                      skip=skips(objective, entropy, headline, 151936), **extra))
-        for N in sweep:
-            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N), 151936, H=H, dtype=dt,
-                              skip=skips("logp", False, N, 151936)))
-        for N in (4096, 16384, 65536):
-            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N), 128256, H=H, dtype=dt,
-                              skip=skips("logp", False, N, 128256)))
-        cases.append(Case("hidden", "fwd", "logp", True, *_rows(headline), 151936, H=H, dtype=dt,
-                          skip=skips("logp", True, headline, 151936)))
-        # One row of 131072 tokens: offsets past 2^31 elements, and no token axis on a 65535-limited grid.
-        # On the Llama-3 vocabulary: at V=151936 the logits and their gradient alone (80 GB) overflow an H100.
-        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 131072, 128256, dtype=dt, tag="row",
-                          skip=(compile_skip, torch_skip)))
-        return cases
-    if name == "quick":
-        dt = "fp32"
-        compile_skip = (("torch-compile", "left out of --quick: a CPU compile per case takes tens of seconds; "
-                         "it runs on the N=1024 SAPO cases"),)
-        H, V = 256, 8192
-        for path in ("hidden", "logits"):
-            extra = {"H": H} if path == "hidden" else {}
-            for N in (256, 1024, 4096):
-                skip = () if N == 1024 else compile_skip
-                cases.append(Case(path, "fwdbwd", "sapo", False, *_rows(N, 256), V, dtype=dt, skip=skip, **extra))
-            for objective in OBJECTIVES:
-                for entropy in (False, True):
-                    if objective == "sapo" and not entropy:
-                        continue
-                    cases.append(Case(path, "fwdbwd", objective, entropy, *_rows(1024, 256), V, dtype=dt,
-                                      skip=compile_skip, **extra))
-        for N in (256, 1024, 4096):
-            skip = () if N == 1024 else compile_skip
-            cases.append(Case("hidden", "fwd", "logp", False, *_rows(N, 256), V, H=H, dtype=dt, skip=skip))
-        cases.append(Case("hidden", "fwd", "logp", True, *_rows(1024, 256), V, H=H, dtype=dt, skip=compile_skip))
-        cases.append(Case("logits", "fwdbwd", "sapo", False, 1, 16384, 4096, dtype=dt, tag="row", skip=compile_skip))
-        # The core issue's memory case: N=4096, H=256, V=151936, fp32.
-        for mode, objective in (("fwd", "logp"), ("fwdbwd", "sapo")):
-            cases.append(Case("hidden", mode, objective, False, *_rows(4096, 1024), 151936, H=256, dtype=dt,
-                              skip=compile_skip))
-        return cases
-    if name == "tiny":
-        skip = (("torch-compile", "left out of --tiny: a CPU compile takes tens of seconds"),)
-        return [
-            Case("hidden", "fwdbwd", "sapo", False, 2, 32, 1000, H=32, dtype="fp32", skip=skip),
-            Case("logits", "fwdbwd", "grpo", False, 2, 32, 1000, dtype="fp32", skip=skip),
-            Case("hidden", "fwd", "logp", False, 2, 32, 1000, H=32, dtype="fp32", skip=skip),
-        ]
-    raise ValueError(f"set must be one of 'full', 'quick', 'tiny', got {name!r}")
+    if name not in SETS:
+        raise ValueError(f"set must be one of {', '.join(repr(n) for n in SETS)}, got {name!r}")
+    spec = SETS[name]
+    cases = []
+    for family in spec["families"]:
+        H = spec["H"] if family.path == "hidden" else 0
+        for objective, entropy in family.pairs:
+            for N in family.Ns:
+                case = Case(family.path, family.mode, objective, entropy, *_rows(N, family.T), family.V, H=H,
+                            dtype=spec["dtype"], tag=family.tag)
+                cases.append(dataclasses.replace(case, skip=_skips(name, case)))
+    return cases
 
 
 # ---------------------------------------------------------------- inputs

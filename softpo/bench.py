@@ -56,9 +56,10 @@ def find_bench_dir(explicit: str | None = None) -> Path:
     for candidate in candidates:
         if (candidate / "providers.py").is_file():
             return candidate.resolve()
+    # A regular (non-editable) install has no bench/: the cases and providers live in the source tree.
     raise ValueError(
-        f"bench-dir: no providers.py in {', '.join(str(c) for c in candidates)}; run from a softpo source "
-        "checkout or pass --bench-dir"
+        f"the benchmark cases (bench/providers.py) are not in {' or '.join(str(c) for c in candidates)}: run "
+        "`softpo bench` inside a softpo source checkout, or pass --bench-dir PATH/TO/softpo/bench"
     )
 
 
@@ -571,36 +572,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.worker:
-        cpu_memory_setup()
-        print(WORKER_MARK + json.dumps(_worker(json.loads(sys.stdin.read()))), flush=True)
-        return 0
-    if args.vocab_parallel is not None:
-        from . import bench_vocab_parallel
-
-        return bench_vocab_parallel.main(args.vocab_parallel, args.vp_shape, args.out, args.vp_samples)
-    if args.render:
-        path = Path(args.render)
-        doc = json.loads(path.read_text())
-        path.with_suffix(".md").write_text(markdown(doc))
-        pngs = plot(doc, path.parent, path.stem)
-        print(f"wrote {path.with_suffix('.md')} and {len(pngs)} plots")
-        return 0
-    from tqdm import tqdm
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("softpo bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    try:
-        bench_dir = find_bench_dir(args.bench_dir)
-    except ValueError as error:
-        print(f"softpo bench: {error}", file=sys.stderr)
-        return 2
-    providers = load_providers(bench_dir)
+def _choose(args, providers) -> tuple[str, list, list[str]]:
+    """The set, its cases (--only) and the providers (--providers); ValueError names a bad choice."""
     set_name = "tiny" if args.tiny else "quick" if args.quick else "full"
     cases = providers.case_set(set_name)
     if args.only:
@@ -610,29 +583,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [p.strip() for p in args.providers.split(",") if p.strip()]
         unknown = sorted(set(chosen) - set(providers.PROVIDERS))
         if unknown:
-            print(f"softpo bench: providers: unknown {unknown}; choose from {sorted(providers.PROVIDERS)}",
-                  file=sys.stderr)
-            return 2
-    isolate = device == "cpu" if args.isolate is None else args.isolate
-    target_s = args.target_seconds or (1.0 if device == "cuda" else 2.0)
-    measure_kwargs = {"target_s": target_s, "min_samples": args.min_samples, "max_samples": args.max_samples}
-    if device == "cpu" and not isolate:
-        cpu_memory_setup()
+            raise ValueError(f"providers: unknown {unknown}; choose from {sorted(providers.PROVIDERS)}")
+    return set_name, cases, chosen
 
+
+def _new_record(args, argv, device, set_name, cases, chosen, providers, isolate, target_s) -> dict:
+    """The record's header: device, versions, date, command, ceilings measured now, the cases and providers."""
     dev, versions = environment(device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     today = dt.datetime.now(dt.timezone.utc)
-    # The full set owns the plain name; the smaller sets never overwrite it.
-    stem = f"{device_slug(dev)}-{today:%Y-%m-%d}" + ("" if set_name == "full" else f"-{set_name}")
-    json_path = out_dir / f"{stem}.json"
-
     print(f"softpo bench: {len(cases)} cases x {len(chosen)} providers on {dev['name']} ({set_name} set)")
-    ceilings = dict(measure_ceilings(device, small=args.tiny), when=dt.datetime.now(dt.timezone.utc).isoformat(
-        timespec="seconds"), loadavg_1m=os.getloadavg()[0])
+    ceilings = dict(measure_ceilings(device, small=args.tiny), when=today.isoformat(timespec="seconds"),
+                    loadavg_1m=os.getloadavg()[0])
     print(f"  ceilings: matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, "
           f"copy {ceilings['copy_bytes_per_s'] / 1e9:.3g} GB/s")
-    doc = {
+    return {
         "schema": 1,
         "device": dev,
         "versions": versions,
@@ -655,28 +619,37 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [c.to_dict() for c in cases],
         "results": [],
     }
-    if args.resume and json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("set") == set_name and old.get("device", {}).get("name") == dev["name"]:
-            doc["ceilings_measured"] = old.get("ceilings_measured", [old["ceilings"]]) + [ceilings]
-            doc["ceilings"] = best_ceilings(doc["ceilings_measured"])
-            doc["results"] = old["results"]
-            doc["date"] = old["date"]
-            # A resumed piece may select fewer cases or providers: the record keeps those of earlier pieces.
-            doc["providers"] = {**old.get("providers", {}), **doc["providers"]}
-            merged = {c["id"]: c for c in old.get("cases", [])} | {c["id"]: c for c in doc["cases"]}
-            order = [c.id for c in providers.case_set(set_name)]
-            doc["cases"] = [merged[i] for i in order if i in merged] + [c for i, c in merged.items() if i not in order]
-            print(f"  resuming {json_path}: {len(doc['results'])} results kept")
-    done = {(r["case"], r["provider"]) for r in doc["results"]}
-    todo = [(c, providers.PROVIDERS[p]) for c in cases for p in chosen if (c.id, p) not in done]
+
+
+def _resume(doc: dict, json_path: Path, providers) -> None:
+    """Keep what an earlier piece of today's run recorded (same set and device) in `doc`."""
+    if not json_path.exists():
+        return
+    old = json.loads(json_path.read_text())
+    if old.get("set") != doc["set"] or old.get("device", {}).get("name") != doc["device"]["name"]:
+        return
+    doc["ceilings_measured"] = old.get("ceilings_measured", [old["ceilings"]]) + doc["ceilings_measured"]
+    doc["ceilings"] = best_ceilings(doc["ceilings_measured"])
+    doc["results"] = old["results"]
+    doc["date"] = old["date"]
+    # A resumed piece may select fewer cases or providers: the record keeps those of earlier pieces.
+    doc["providers"] = {**old.get("providers", {}), **doc["providers"]}
+    merged = {c["id"]: c for c in old.get("cases", [])} | {c["id"]: c for c in doc["cases"]}
+    order = [c.id for c in providers.case_set(doc["set"])]
+    doc["cases"] = [merged[i] for i in order if i in merged] + [c for i, c in merged.items() if i not in order]
+    print(f"  resuming {json_path}: {len(doc['results'])} results kept")
+
+
+def _measure_all(doc, json_path, todo, providers, device, bench_dir, isolate, measure_kwargs, args) -> bool:
+    """Run every (case, provider) of `todo`, writing the record after each; True if the time limit stopped it."""
+    from tqdm import tqdm
+
     start = time.monotonic()
-    stopped = False
     with tqdm(total=len(todo), desc="softpo bench", unit="run", dynamic_ncols=True) as bar:
         for case, provider in todo:
             if args.time_limit and time.monotonic() - start > args.time_limit:
-                stopped = True
-                break
+                tqdm.write(f"time limit reached with {len(todo) - bar.n} runs left: run the same command with --resume")
+                return True
             bar.set_postfix_str(f"{case.id} {provider.name}")
             reason = provider.skip_reason(case, device)
             if reason is not None:
@@ -697,6 +670,11 @@ def main(argv: list[str] | None = None) -> int:
             doc["results"].append(result)
             write_json(doc, json_path)
             bar.update(1)
+    return False
+
+
+def _finish(doc, json_path, device, stopped, args) -> None:
+    """The end-of-piece ceilings, the fractions against the best ceilings, the table and the plots."""
     end = measure_ceilings(device, small=args.tiny)
     doc["ceilings_measured"].append(dict(end, when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                          loadavg_1m=os.getloadavg()[0]))
@@ -704,12 +682,63 @@ def main(argv: list[str] | None = None) -> int:
     recorded = {(r["case"], r["provider"]) for r in doc["results"]}
     doc["complete"] = not stopped and all((c["id"], p) in recorded for c in doc["cases"] for p in doc["providers"])
     write_json(doc, json_path)
-    md_path = out_dir / f"{stem}.md"
+    md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(doc))
-    pngs = [] if args.no_plots else plot(doc, out_dir, stem)
+    pngs = [] if args.no_plots else plot(doc, json_path.parent, json_path.stem)
     print(f"wrote {json_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else ""))
-    if stopped:
-        print(f"time limit reached with {len(todo) - bar.n} runs left: run the same command with --resume")
+
+
+def _render(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(markdown(doc))
+    pngs = plot(doc, path.parent, path.stem)
+    print(f"wrote {path.with_suffix('.md')} and {len(pngs)} plots")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.worker:
+        cpu_memory_setup()
+        print(WORKER_MARK + json.dumps(_worker(json.loads(sys.stdin.read()))), flush=True)
+        return 0
+    if args.vocab_parallel is not None:
+        from . import bench_vocab_parallel
+
+        return bench_vocab_parallel.main(args.vocab_parallel, args.vp_shape, args.out, args.vp_samples)
+    if args.render:
+        return _render(Path(args.render))
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("softpo bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    try:
+        bench_dir = find_bench_dir(args.bench_dir)
+        providers = load_providers(bench_dir)
+        set_name, cases, chosen = _choose(args, providers)
+    except ValueError as error:
+        print(f"softpo bench: {error}", file=sys.stderr)
+        return 2
+    isolate = device == "cpu" if args.isolate is None else args.isolate
+    target_s = args.target_seconds or (1.0 if device == "cuda" else 2.0)
+    measure_kwargs = {"target_s": target_s, "min_samples": args.min_samples, "max_samples": args.max_samples}
+    if device == "cpu" and not isolate:
+        cpu_memory_setup()
+
+    doc = _new_record(args, argv, device, set_name, cases, chosen, providers, isolate, target_s)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The full set owns the plain name; the smaller sets never overwrite it.
+    stem = f"{device_slug(doc['device'])}-{doc['date'][:10]}" + ("" if set_name == "full" else f"-{set_name}")
+    json_path = out_dir / f"{stem}.json"
+    if args.resume:
+        _resume(doc, json_path, providers)
+    done = {(r["case"], r["provider"]) for r in doc["results"]}
+    todo = [(c, providers.PROVIDERS[p]) for c in cases for p in chosen if (c.id, p) not in done]
+    stopped = _measure_all(doc, json_path, todo, providers, device, bench_dir, isolate, measure_kwargs, args)
+    _finish(doc, json_path, device, stopped, args)
     return 0
 
 

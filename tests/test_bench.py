@@ -178,3 +178,10 @@ def test_vocab_parallel_record(tmp_path):
         assert run["grad_bytes"] == 4 * 8 * (16 + run["vocab_rows"][1] - run["vocab_rows"][0])
     assert path.with_suffix(".md").read_text().startswith("# softpo vocab-parallel sweep")
     assert bench.main(["--vocab-parallel", "2", "--vp-shape", "16,8", "--out", str(tmp_path)]) == 2
+
+
+def test_without_the_bench_folder_says_what_to_do(tmp_path, capsys):
+    """From a regular install (no source tree) the command says in one line where the cases live."""
+    assert bench.main(["--tiny", "--device", "cpu", "--bench-dir", str(tmp_path)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "--bench-dir" in message and "source checkout" in message
