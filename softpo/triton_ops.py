@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +64,29 @@ def _tile_rows(n: int, V: int, element_size: int) -> int:
     return max(1, min(n, rows))
 
 
+@functools.cache
+def _addmm_takes_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has addmm(..., out_dtype=) for these operands: a recent keyword (older
+    releases reject it), and on CUDA only."""
+    a = torch.zeros(1, 1, dtype=dtype, device=device)
+    try:
+        torch.addmm(torch.zeros(1, 1, device=device), a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+
 def _accumulate(acc, a, b):
     """acc += a @ b with acc in fp32 for half-precision a, b, without rounding a @ b to their dtype first:
     per-chunk rounding of d weight to bf16 adds up over the chunks."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
+        return
+    if a.is_cuda and _addmm_takes_out_dtype(a.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
+        # Upcast operands: the same sum, at the cost of fp32 copies of this tile's a and b.
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 

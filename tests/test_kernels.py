@@ -629,3 +629,21 @@ def test_public_token_logprobs_inplace_backward():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="inplace_backward"):
         softpo.token_logprobs(targets, logits=base, impl="torch", inplace_backward=True)
+
+
+def test_d_weight_accumulates_in_fp32_with_or_without_addmm_out_dtype(monkeypatch):
+    """Older torch releases have no addmm(out_dtype=): the fallback upcasts and gives the same fp32 sum."""
+    from softpo import triton_ops
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 24, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(24, 16, generator=g).to(DEVICE, torch.bfloat16)
+    gt = a.double() @ b.double()
+    results = []
+    for supported in (True, False):
+        monkeypatch.setattr(triton_ops, "_addmm_takes_out_dtype", lambda device, dtype, s=supported: s)
+        acc = torch.zeros(40, 16, dtype=torch.float32, device=DEVICE)
+        triton_ops._accumulate(acc, a, b)
+        results.append(acc)
+    for acc in results:
+        torch.testing.assert_close(acc.double(), gt, rtol=1e-6, atol=1e-6)
