@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
-        "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib"],
+        "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib", "cut-cross-entropy"],
         "trl": ["trl>=1.16", "accelerate", "datasets"],
     },
     entry_points={"console_scripts": ["softpo=softpo.cli:main"]},

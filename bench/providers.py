@@ -13,6 +13,9 @@ Providers:
 - liger-triton: Liger-Kernel's Triton GRPO loss from logits (`triton_grpo_loss`; CUDA only).
 - liger-fused-linear: Liger-Kernel's `LigerFusedLinearGRPOLoss` from hidden states (forward only:
   its chunked selective log-prob, the path it uses for reference log-probs).
+- torch-linear-ce: torch's own `F.linear_cross_entropy` (chunked, torch >= 2.13) as the log-prob, then
+  softpo.objectives (hidden path, no entropy).
+- cut-cross-entropy: Apple's `cut-cross-entropy` kernels the same way (CUDA only).
 - trl: TRL's own log-prob (the chunked fused lm_head function GRPOTrainer installs with
   `add_fused_lm_head`, or `selective_log_softmax` on logits) followed by TRL's loss formula.
 
@@ -488,6 +491,91 @@ class LigerFusedLinearProvider(Provider):
         return run
 
 
+class LinearCrossEntropyPeer(Provider):
+    """A fused linear cross-entropy as the log-prob (logp = -CE, reduction none), then the objective in
+    torch (softpo.objectives): what a user with only a cross-entropy kernel would write. These kernels
+    give no entropy, so entropy cases are skipped."""
+
+    paths = ("hidden",)
+    recomputes_logits = True
+
+    def _skip_reason(self, case, device):
+        if case.entropy:
+            return f"{self.name} gives no entropy"
+        return self._unavailable(device)
+
+    def _unavailable(self, device) -> str | None:
+        return None
+
+    def _neg_ce(self, hidden2d, weight, targets1d):
+        raise NotImplementedError
+
+    def build(self, case, inputs):
+        from softpo import objectives
+
+        hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
+        H = hidden.shape[-1]
+
+        def logp_of():
+            return -self._neg_ce(hidden.reshape(-1, H), weight, targets.reshape(-1)).float().view(targets.shape)
+
+        if case.mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    logp_of()
+            return run
+        config = loss_config(case)
+        kwargs = _loss_kwargs(inputs)
+        mask = inputs["mask"]
+
+        def run():
+            advantages = kwargs["advantages"]
+            loss, _ = objectives.policy_objective(
+                config, logp_of(), mask, advantages, old_logp=kwargs["old_logp"], ref_logp=kwargs["ref_logp"],
+                rewards=kwargs["rewards"], q0=kwargs["q0"],
+            )
+            loss.backward()
+        return run
+
+
+class TorchLinearCrossEntropyProvider(LinearCrossEntropyPeer):
+    name = "torch-linear-ce"
+    label = "torch F.linear_cross_entropy (chunked, LinearCrossEntropyOptions) + softpo.objectives"
+
+    def _unavailable(self, device):
+        import torch.nn.functional as F
+
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no F.linear_cross_entropy with options (torch >= 2.13)"
+        return None
+
+    def _neg_ce(self, hidden2d, weight, targets1d):
+        import torch.nn.functional as F
+
+        return F.linear_cross_entropy(hidden2d, weight, targets1d, reduction="none",
+                                      options=torch.nn.LinearCrossEntropyOptions())
+
+
+class CutCrossEntropyProvider(LinearCrossEntropyPeer):
+    name = "cut-cross-entropy"
+    label = "Apple cut-cross-entropy linear_cross_entropy (CCE kernels, no gradient filtering) + softpo.objectives"
+
+    def _unavailable(self, device):
+        missing = _missing("cut_cross_entropy")
+        if missing:
+            return missing
+        if device != "cuda":
+            return ("cut-cross-entropy's CCE kernels need CUDA (its CPU fallback is torch.compile of the "
+                    "materialized logits, which torch-compile already measures)")
+        return None
+
+    def _neg_ce(self, hidden2d, weight, targets1d):
+        from cut_cross_entropy import linear_cross_entropy
+
+        # filter_eps=None: exact gradients, as an RL loss needs (its default skips small softmax entries).
+        return linear_cross_entropy(hidden2d, weight, targets1d, reduction="none", filter_eps=None, impl="cce")
+
+
 def trl_loss(loss_type, level, logp, old_logp, ref_logp, advantages, mask, entropies, *, epsilon_low,
              epsilon_high, beta, sapo_temperature_pos, sapo_temperature_neg, entropy_coef):
     """Mirrors the formula of TRL 1.16 GRPOTrainer._compute_loss for loss_type "grpo" and "sapo"
@@ -585,5 +673,7 @@ PROVIDERS: dict[str, Provider] = {
         LigerTritonProvider(),
         LigerFusedLinearProvider(),
         TrlProvider(),
+        TorchLinearCrossEntropyProvider(),
+        CutCrossEntropyProvider(),
     )
 }
