@@ -115,7 +115,12 @@ class _DeferredChecks:
         self.failed.append((message, failed.reshape(())))
 
     def run(self, *also: torch.Tensor) -> list[bool]:
-        """Raise the first failed check's ValueError; else return the values of `also` (0-d bool tensors)."""
+        """Raise the first failed check's ValueError; else return the values of `also` (0-d bool tensors).
+
+        Under torch.compile nothing is read back (a graph holds no host sync): the value checks are
+        skipped and `also` reads False, the answer that is right whatever the values are."""
+        if torch.compiler.is_compiling():
+            return [False] * len(also)
         flags = [f for _, f in self.failed] + [a.reshape(()) for a in also]
         if not flags:
             return []
@@ -440,10 +445,12 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
         gate and KL, so one launch yields the terms and the coefficient their backward needs.
     "gradient": "terms" on the hidden path with gradients wanted: the loss is linear in the terms
         and the entropy, so each logits tile becomes its gradient during the forward sweep.
-    A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain".
+    A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain";
+    so does a compiled call (torch.compile sees the plain sweep as one opaque op).
     """
     fusable = (
         inputs.path == "triton"
+        and not torch.compiler.is_compiling()
         and shard is None
         and config.objective == "policy"
         and config.importance_sampling_level == "token"

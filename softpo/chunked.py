@@ -168,30 +168,8 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
         hidden, weight, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
         args: SweepArgs = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = lse_all.dtype
-        inv_temperature = 1.0 / args.temperature
-        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        V = weight.shape[0]
-        state = {}
-
-        def tiles_for(rows):
-            state["h"] = hidden[rows].to(acc) * inv_temperature
-            state["dh"] = torch.zeros_like(state["h"]) if need_hidden else None
-            return lambda v0, v1: state["h"] @ weight[v0:v1].to(acc).T
-
-        def consume(rows, v0, v1, grad):
-            w = weight[v0:v1].to(acc)
-            if need_hidden:
-                state["dh"].addmm_(grad, w)
-                if v1 == V:  # the chunk's last tile: its hidden gradient is complete
-                    d_hidden[rows] = state["dh"] * inv_temperature
-            if need_weight:
-                # h already carries 1 / temperature, the chain-rule factor of z = h w^T / T.
-                d_weight[v0:v1].addmm_(grad.T, state["h"])
-
-        _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args,
-                        tiles_for, consume)
+        d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp,
+                                           g_entropy, args, need_hidden, need_weight)
         if need_hidden and args.shard is not None:
             vocab_parallel.reduce_hidden_grad(args.shard, d_hidden)
         return (
@@ -201,6 +179,36 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args,
+                  need_hidden, need_weight):
+    """(d hidden, d weight) in the accumulation dtype (None where not needed): each tile recomputed and
+    turned into its gradient."""
+    acc = lse_all.dtype
+    inv_temperature = 1.0 / args.temperature
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    V = weight.shape[0]
+    state = {}
+
+    def tiles_for(rows):
+        state["h"] = hidden[rows].to(acc) * inv_temperature
+        state["dh"] = torch.zeros_like(state["h"]) if need_hidden else None
+        return lambda v0, v1: state["h"] @ weight[v0:v1].to(acc).T
+
+    def consume(rows, v0, v1, grad):
+        w = weight[v0:v1].to(acc)
+        if need_hidden:
+            state["dh"].addmm_(grad, w)
+            if v1 == V:  # the chunk's last tile: its hidden gradient is complete
+                d_hidden[rows] = state["dh"] * inv_temperature
+        if need_weight:
+            # h already carries 1 / temperature, the chain-rule factor of z = h w^T / T.
+            d_weight[v0:v1].addmm_(grad.T, state["h"])
+
+    _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume)
+    return d_hidden, d_weight
 
 
 def _hidden_tiles(hidden, weight, acc, temperature):
@@ -242,20 +250,24 @@ class ChunkedLogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
         logits, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
-        args: SweepArgs = ctx.args
-        d_logits = torch.zeros_like(logits)
-        # The tile gradient is linear in the incoming gradients: scaling those by the chain-rule
-        # factor 1 / temperature of z = logits / temperature saves a pass over every tile.
-        inv_temperature = 1.0 / args.temperature
-        g_logp = g_logp * inv_temperature if g_logp is not None else None
-        g_entropy = g_entropy * inv_temperature if g_entropy is not None else None
+        return _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, ctx.args), None, None, None
 
-        def consume(rows, v0, v1, grad):
-            d_logits[rows, v0:v1] = grad.to(logits.dtype)
 
-        _backward_sweep(valid_rows, targets, logits.shape[1], lse_all, entropy_all, g_logp, g_entropy, args,
-                        _logits_tiles(logits, lse_all.dtype, args.temperature), consume)
-        return d_logits, None, None, None
+def _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args):
+    """d logits in the logits' dtype, zero on rows outside `valid_rows`."""
+    d_logits = torch.zeros_like(logits)
+    # The tile gradient is linear in the incoming gradients: scaling those by the chain-rule
+    # factor 1 / temperature of z = logits / temperature saves a pass over every tile.
+    inv_temperature = 1.0 / args.temperature
+    g_logp = g_logp * inv_temperature if g_logp is not None else None
+    g_entropy = g_entropy * inv_temperature if g_entropy is not None else None
+
+    def consume(rows, v0, v1, grad):
+        d_logits[rows, v0:v1] = grad.to(logits.dtype)
+
+    _backward_sweep(valid_rows, targets, logits.shape[1], lse_all, entropy_all, g_logp, g_entropy, args,
+                    _logits_tiles(logits, lse_all.dtype, args.temperature), consume)
+    return d_logits
 
 
 def chunked_token_logprobs(
@@ -276,12 +288,18 @@ def chunked_token_logprobs(
     With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them."""
     N = targets.shape[0]
     device = targets.device
-    # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
-    # its tiles in place.
-    valid_rows = torch.arange(N, device=device) if valid is None else valid.nonzero().squeeze(-1)
     args = SweepArgs(
         float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard
     )
+    if shard is None:
+        if valid is None:
+            valid = torch.ones(N, dtype=torch.bool, device=device)
+        logp, entropy, _ = _logprob_op(targets, valid, hidden, weight, logits, args.temperature, args.return_entropy,
+                                       args.token_chunk, args.vocab_chunk)
+        return logp, entropy if return_entropy else None
+    # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
+    # its tiles in place.
+    valid_rows = torch.arange(N, device=device) if valid is None else valid.nonzero().squeeze(-1)
     if logits is not None:
         out = ChunkedLogitsLogprobFunction.apply(logits, targets, valid_rows, args)
     else:
@@ -289,3 +307,94 @@ def chunked_token_logprobs(
     if return_entropy:
         return out
     return out, None
+
+
+# The same sweep as two custom ops with shape-only ("fake") versions, so that torch.compile keeps it
+# out of the graph as opaque calls: the token loops, the data-dependent row selection and the in-place
+# tiles never reach the tracer. The single-process path always runs through them, so every test of the
+# chunked path tests them; the vocab-parallel path (a process group is no op argument) keeps the
+# autograd Functions above.
+@torch.library.custom_op("softpo::chunked_logprob", mutates_args=())
+def _logprob_op(
+    targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
+    logits: torch.Tensor | None, temperature: float, return_entropy: bool, token_chunk: int, vocab_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N] or [0], lse [N]) in the accumulation dtype."""
+    args = SweepArgs(temperature, return_entropy, token_chunk, vocab_chunk)
+    valid_rows = valid.nonzero().squeeze(-1)
+    if logits is not None:
+        acc = accumulation_dtype(logits.dtype)
+        logp, entropy, lse = _forward_sweep(valid_rows, targets, logits.shape[1], logits.shape[0], acc, args,
+                                            _logits_tiles(logits, acc, temperature))
+    else:
+        acc = accumulation_dtype(hidden.dtype)
+        logp, entropy, lse = _forward_sweep(valid_rows, targets, weight.shape[0], hidden.shape[0], acc, args,
+                                            _hidden_tiles(hidden, weight, acc, temperature))
+    return logp, lse.new_empty(0) if entropy is None else entropy, lse
+
+
+@_logprob_op.register_fake
+def _(targets, valid, hidden, weight, logits, temperature, return_entropy, token_chunk, vocab_chunk):
+    acc = accumulation_dtype((logits if logits is not None else hidden).dtype)
+    N = targets.shape[0]
+    return (targets.new_empty(N, dtype=acc), targets.new_empty(N if return_entropy else 0, dtype=acc),
+            targets.new_empty(N, dtype=acc))
+
+
+@torch.library.custom_op("softpo::chunked_logprob_backward", mutates_args=())
+def _logprob_backward_op(
+    targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
+    logits: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
+    g_entropy: torch.Tensor | None, temperature: float, token_chunk: int, vocab_chunk: int, need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d logits, empty) or (d hidden or empty, d weight or empty), in the inputs' dtypes."""
+    args = SweepArgs(temperature, g_entropy is not None, token_chunk, vocab_chunk)
+    valid_rows = valid.nonzero().squeeze(-1)
+    entropy = entropy if g_entropy is not None else None
+    if logits is not None:
+        return _logits_grad(logits, targets, valid_rows, lse, entropy, g_logp, g_entropy, args), lse.new_empty(0)
+    d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, lse, entropy, g_logp, g_entropy, args,
+                                       need_hidden, need_weight)
+    return (d_hidden.to(hidden.dtype) if need_hidden else hidden.new_empty(0),
+            d_weight.to(weight.dtype) if need_weight else weight.new_empty(0))
+
+
+@_logprob_backward_op.register_fake
+def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, token_chunk,
+      vocab_chunk, need_hidden, need_weight):
+    if logits is not None:
+        return torch.empty_like(logits), lse.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _setup_logprob(ctx, inputs, output):
+    targets, valid, hidden, weight, logits, temperature, _, token_chunk, vocab_chunk = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(targets, valid, hidden, weight, logits, lse, entropy)
+    ctx.settings = (temperature, token_chunk, vocab_chunk)
+
+
+def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
+    targets, valid, hidden, weight, logits, lse, entropy = ctx.saved_tensors
+    temperature, token_chunk, vocab_chunk = ctx.settings
+    need_hidden, need_weight, need_logits = ctx.needs_input_grad[2:5]
+    if not (need_hidden or need_weight or need_logits):
+        return (None,) * 9
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse)
+    # An entropy that was not computed, or not used, sends no gradient.
+    g_entropy = g_entropy if entropy.numel() and g_entropy is not None else None
+    first, second = _logprob_backward_op(
+        targets, valid, hidden, weight, logits, lse, entropy, g_logp.to(lse.dtype),
+        None if g_entropy is None else g_entropy.to(lse.dtype), temperature, token_chunk, vocab_chunk,
+        bool(need_hidden), bool(need_weight),
+    )
+    if logits is not None:
+        return None, None, None, None, first, None, None, None, None
+    return (None, None, first if need_hidden else None, second if need_weight else None, None,
+            None, None, None, None)
+
+
+_logprob_op.register_autograd(_logprob_backward, setup_context=_setup_logprob)

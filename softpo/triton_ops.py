@@ -180,13 +180,7 @@ class HiddenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        _check_hidden(hidden, weight, sweep.targets)
-        rows = _valid_rows(sweep)
-        outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
-        with _no_autocast(hidden):
-            for idx, _, z in _projected_tiles(hidden, weight, rows):
-                _forward_tile(sweep, z, idx, outputs)
-        logp, lse, entropy, term, coef = outputs
+        rows, (logp, lse, entropy, term, coef) = _hidden_forward(hidden, weight, sweep)
         if sweep.shard is not None:
             logp, lse, entropy = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows)
         ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
@@ -206,14 +200,34 @@ class HiddenLogprobFunction(torch.autograd.Function):
             return None, None, None
         g_logp = _grad_logp(g_out, coef, lse)
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
-        with _no_autocast(hidden):
-            for idx, h, z in _projected_tiles(hidden, weight, rows):
-                _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, ctx.temperature,
-                               d_hidden, d_weight)
+        d_hidden, d_weight = _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
+                                              ctx.temperature, need_hidden, need_weight)
         if d_hidden is not None and ctx.shard is not None:
             vocab_parallel.reduce_hidden_grad(ctx.shard, d_hidden)
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
+
+
+def _hidden_forward(hidden, weight, sweep: Sweep):
+    """(valid rows, (logp, lse, entropy, term, coef)) of the hidden path's forward sweep, tile by tile."""
+    _check_hidden(hidden, weight, sweep.targets)
+    rows = _valid_rows(sweep)
+    outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
+    with _no_autocast(hidden):
+        for idx, _, z in _projected_tiles(hidden, weight, rows):
+            _forward_tile(sweep, z, idx, outputs)
+    return rows, outputs
+
+
+def _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy, temperature, need_hidden,
+                     need_weight):
+    """(d hidden or None, d weight or None, fp32 for half-precision weights): each tile recomputed, turned
+    into d logits in place, then the two gradient matmuls."""
+    d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
+    with _no_autocast(hidden):
+        for idx, h, z in _projected_tiles(hidden, weight, rows):
+            _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, temperature,
+                           d_hidden, d_weight)
+    return d_hidden, d_weight
 
 
 class HiddenFusedLossFunction(torch.autograd.Function):
@@ -301,6 +315,90 @@ class LogitsLogprobFunction(torch.autograd.Function):
         return d_logits, None
 
 
+# The plain sweep as two custom ops with shape-only versions, for torch.compile: the tile loop, its
+# host sync (the number of valid tokens) and the kernel launches stay out of the graph as opaque
+# calls. Eager calls keep the autograd Functions above; a compiled policy_loss takes this route.
+@torch.library.custom_op("softpo::triton_logprob", mutates_args=())
+def _logprob_op(
+    targets: torch.Tensor, valid: torch.Tensor | None, hidden: torch.Tensor | None, weight: torch.Tensor | None,
+    logits: torch.Tensor | None, temperature: float, return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N] or [0], lse [N]), fp32."""
+    row_idx, n_valid = valid_first(valid)
+    sweep = Sweep(targets, row_idx, n_valid, temperature, return_entropy)
+    with _on_device(targets.device):
+        if logits is not None:
+            logp, lse, entropy, _, _ = K.logits_logprob_fwd(
+                logits, targets, temperature=temperature, row_idx=row_idx, n_valid=n_valid,
+                return_entropy=return_entropy,
+            )
+        else:
+            _, (logp, lse, entropy, _, _) = _hidden_forward(hidden, weight, sweep)
+    return logp, lse.new_empty(0) if entropy is None else entropy, lse
+
+
+@_logprob_op.register_fake
+def _(targets, valid, hidden, weight, logits, temperature, return_entropy):
+    N = targets.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return targets.new_empty(N, **f32), targets.new_empty(N if return_entropy else 0, **f32), targets.new_empty(N, **f32)
+
+
+@torch.library.custom_op("softpo::triton_logprob_backward", mutates_args=())
+def _logprob_backward_op(
+    targets: torch.Tensor, valid: torch.Tensor | None, hidden: torch.Tensor | None, weight: torch.Tensor | None,
+    logits: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
+    g_entropy: torch.Tensor | None, temperature: float, need_hidden: bool, need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d logits, empty) or (d hidden or empty, d weight or empty), in the inputs' dtypes."""
+    row_idx, n_valid = valid_first(valid)
+    entropy = entropy if g_entropy is not None else None
+    with _on_device(targets.device):
+        if logits is not None:
+            d_logits = K.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy, g_entropy=g_entropy,
+                                            temperature=temperature, row_idx=row_idx, n_valid=n_valid)
+            return d_logits, lse.new_empty(0)
+        rows = valid_rows(row_idx, n_valid)
+        d_hidden, d_weight = _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
+                                              temperature, need_hidden, need_weight)
+    return (hidden.new_empty(0) if d_hidden is None else d_hidden,
+            weight.new_empty(0) if d_weight is None else d_weight.to(weight.dtype))
+
+
+@_logprob_backward_op.register_fake
+def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, need_hidden,
+      need_weight):
+    if logits is not None:
+        return torch.empty_like(logits), lse.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _setup_logprob(ctx, inputs, output):
+    targets, valid, hidden, weight, logits, temperature, _ = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(targets, valid, hidden, weight, logits, lse, entropy)
+    ctx.temperature = temperature
+
+
+def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
+    targets, valid, hidden, weight, logits, lse, entropy = ctx.saved_tensors
+    need_hidden, need_weight, need_logits = ctx.needs_input_grad[2:5]
+    if not (need_hidden or need_weight or need_logits):
+        return (None,) * 7
+    g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+    # An entropy that was not computed, or not used, sends no gradient.
+    g_entropy = g_entropy.float().contiguous() if entropy.numel() and g_entropy is not None else None
+    first, second = _logprob_backward_op(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy,
+                                         ctx.temperature, bool(need_hidden), bool(need_weight))
+    if logits is not None:
+        return None, None, None, None, first, None, None
+    return None, None, first if need_hidden else None, second if need_weight else None, None, None, None
+
+
+_logprob_op.register_autograd(_logprob_backward, setup_context=_setup_logprob)
+
+
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device, which need not hold the tensors (a model split over
     GPUs in one process). The backward needs no guard: autograd runs it on its gradients' device."""
@@ -349,6 +447,10 @@ def triton_token_logprobs(
     d logits over the logits' storage during backward. With `shard`, weight / logits hold this rank's
     vocabulary rows, targets are ids local to them, and the results are the whole vocabulary's.
     """
+    if torch.compiler.is_compiling() and shard is None and not inplace_backward:
+        logp, entropy, _ = _logprob_op(targets.contiguous(), valid, hidden, weight, logits, float(temperature),
+                                       bool(return_entropy))
+        return logp, entropy if return_entropy else None
     logp, entropy, _ = _apply(
         targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None, shard=shard
     )
