@@ -164,7 +164,12 @@ SETS = {
 
 
 def _skips(set_name: str, case: Case) -> tuple[tuple[str, str], ...]:
-    """The providers a set leaves out of a case, with the reason."""
+    """The providers a set leaves out of a case, with the reason; softpo-compile follows torch-compile."""
+    skips = _skips_of_set(set_name, case)
+    return skips + tuple(("softpo-compile", reason) for name, reason in skips if name == "torch-compile")
+
+
+def _skips_of_set(set_name: str, case: Case) -> tuple[tuple[str, str], ...]:
     plain = case.objective in ("sapo", "logp") and not case.entropy and not case.tag
     if set_name == "full":
         # The whole set has to fit a GPU session's budget (about 10 minutes of measurement): the two
@@ -302,13 +307,17 @@ class Provider:
 
 
 class SoftpoProvider(Provider):
-    def __init__(self, impl: str):
+    def __init__(self, impl: str, compiled: bool = False):
         # Token-level objectives on the Triton hidden path form the gradient in the forward sweep;
-        # sequence-level ones (GSPO, SPO) and the chunked torch path recompute the logits.
-        self.recomputes_logits = ["gspo", "spo"] if impl == "triton" else True
+        # sequence-level ones (GSPO, SPO), the chunked torch path and a compiled step (which takes the
+        # plain route) recompute the logits.
+        self.recomputes_logits = ["gspo", "spo"] if impl == "triton" and not compiled else True
         self.impl = impl
-        self.name = f"softpo-{impl}"
-        self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)"}[impl]
+        self.compiled = compiled
+        self.name = "softpo-compile" if compiled else f"softpo-{impl}"
+        self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)",
+                      "auto": "torch.compile(fullgraph=True) of a step calling softpo (Triton on CUDA, chunked "
+                              "torch on CPU; first_call_s holds the compile)"}[impl]
 
     def _skip_reason(self, case, device):
         if self.impl == "triton":
@@ -327,17 +336,42 @@ class SoftpoProvider(Provider):
         sweep = {"logits": inputs["logits"]} if case.path == "logits" else {
             "hidden": inputs["hidden"], "weight": inputs["weight"]}
         if case.mode == "fwd":
+            forward = _compiled(_softpo_logprobs) if self.compiled else _softpo_logprobs
+
             def run():
                 with torch.no_grad():
-                    softpo.token_logprobs(targets, return_entropy=case.entropy, impl=self.impl, **sweep)
+                    forward(targets, case.entropy, self.impl, **sweep)
             return run
         config = loss_config(case)
         kwargs = _loss_kwargs(inputs)
+        step = _compiled(_softpo_loss) if self.compiled else _softpo_loss
 
         def run():
-            out = softpo.policy_loss(config, targets, inputs["mask"], impl=self.impl, **sweep, **kwargs)
-            out.loss.backward()
+            step(config, targets, inputs["mask"], self.impl, **sweep, **kwargs).backward()
         return run
+
+
+# Module-level steps, compiled once each: the rotating input sets of a case then share one compiled
+# graph (guards on shapes and settings) instead of recompiling for every closure.
+def _softpo_logprobs(targets, entropy, impl, **sweep):
+    import softpo
+
+    return softpo.token_logprobs(targets, return_entropy=entropy, impl=impl, **sweep)
+
+
+def _softpo_loss(config, targets, mask, impl, **kwargs):
+    import softpo
+
+    return softpo.policy_loss(config, targets, mask, impl=impl, **kwargs).loss
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
 
 
 def _loss_kwargs(inputs):
@@ -668,6 +702,7 @@ PROVIDERS: dict[str, Provider] = {
     for p in (
         SoftpoProvider("triton"),
         SoftpoProvider("torch"),
+        SoftpoProvider("auto", compiled=True),
         EagerProvider(compiled=False),
         EagerProvider(compiled=True),
         LigerTritonProvider(),
