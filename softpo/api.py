@@ -20,6 +20,7 @@ from .chunked import accumulation_dtype, chunked_token_logprobs
 from .config import LossConfig
 
 IMPLS = ("auto", "torch", "triton")
+MEMORY_MODES = ("default", "flat")
 
 
 @dataclass
@@ -142,8 +143,15 @@ def _flat(tensor):
     return None if tensor is None else tensor.reshape(-1)
 
 
+def _check_memory(memory) -> bool:
+    """True for memory="flat"."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory == "flat"
+
+
 def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False,
-           shard=None):
+           shard=None, flat_memory=False):
     """The plain route: per-token log-prob (and entropy) on the chosen path, flat [N] results."""
     if logits is not None:
         logits = logits.reshape(-1, logits.shape[-1])
@@ -153,11 +161,11 @@ def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, retu
         return _triton_ops().triton_token_logprobs(
             flat_targets, hidden=hidden, weight=weight, logits=logits,
             temperature=temperature, return_entropy=return_entropy, valid=valid,
-            inplace_backward=inplace_backward, shard=shard,
+            inplace_backward=inplace_backward, shard=shard, flat_memory=flat_memory,
         )
     return chunked_token_logprobs(
         flat_targets, hidden=hidden, weight=weight, logits=logits,
-        temperature=temperature, return_entropy=return_entropy, valid=valid, shard=shard,
+        temperature=temperature, return_entropy=return_entropy, valid=valid, shard=shard, flat_memory=flat_memory,
     )
 
 
@@ -206,6 +214,7 @@ def token_logprobs(
     process_group=None,
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
+    memory: str = "default",
 ):
     """log softmax(z / temperature)[target] per token, without a tokens x vocabulary tensor.
 
@@ -228,6 +237,10 @@ def token_logprobs(
             shards in rank order.
         reduce_hidden_grad: with process_group, False leaves d hidden as this shard's partial sum,
             for callers that reduce-scatter it themselves (sequence parallelism).
+        memory: "default", or "flat" (hidden path): the backward forms d hidden token by token and
+            d weight one block of vocabulary rows at a time, so no V x H fp32 accumulator is held
+            (extra memory bounded whatever N and V are), at the cost of recomputing the logits once
+            more (10NHV instead of 8NHV).
 
     Returns:
         logp [...] fp32, or (logp, entropy) when return_entropy; differentiable with respect to
@@ -237,6 +250,7 @@ def token_logprobs(
     def validate():
         V = _check_sweep_inputs(targets, hidden, weight, logits)
         checked_temperature = _check_temperature(temperature)
+        _check_memory(memory)
         if process_group is None:
             checks = _DeferredChecks()
             _check_target_range(checks, targets, V)
@@ -252,7 +266,7 @@ def token_logprobs(
     )
     logp, entropy = _logprob_sweep(
         path, _local_targets(targets.reshape(-1).long(), shard), hidden, weight, logits, checked_temperature,
-        return_entropy, None, inplace_backward, shard,
+        return_entropy, None, inplace_backward, shard, memory == "flat",
     )
     logp = logp.view(targets.shape)
     if return_entropy:
@@ -312,10 +326,11 @@ class _LossInputs:
     temperature: float
     path: str
     every_token_valid: bool
+    flat_memory: bool
 
 
 def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
-                          rollout_logp, rewards, q0, temperature, normalizer, impl, check_targets) -> _LossInputs:
+                          rollout_logp, rewards, q0, temperature, normalizer, impl, memory, check_targets) -> _LossInputs:
     """Every check of policy_loss's inputs; value checks are read back in one host sync."""
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be a LossConfig (e.g. softpo.SAPO), got {type(config).__name__}")
@@ -323,6 +338,7 @@ def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, log
         raise ValueError(f"targets must be a [B, T] integer tensor, got {getattr(targets, 'shape', type(targets))}")
     V = _check_sweep_inputs(targets, hidden, weight, logits)
     temperature = _check_temperature(temperature)
+    flat_memory = _check_memory(memory)
     B, T = targets.shape
     device = targets.device
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
@@ -364,7 +380,7 @@ def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, log
     # The same sync tells whether any token is masked: with none, the sweep needs no row order.
     (every_token_valid,) = checks.run(mask.all())
     return _LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, rewards, q0, temperature, path,
-                       every_token_valid)
+                       every_token_valid, flat_memory)
 
 
 def policy_loss(
@@ -387,6 +403,7 @@ def policy_loss(
     process_group=None,
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
+    memory: str = "default",
 ) -> PolicyLossOutput:
     """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
 
@@ -398,13 +415,15 @@ def policy_loss(
     divides by (e.g. the global count across ranks and accumulation steps), default the local one.
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
+    memory: "default" or "flat", as in `token_logprobs` (flat: no gradient formed in the forward either,
+    since that route holds the V x H fp32 accumulator).
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
     inputs, shard = _decide(
         lambda: _validate_loss_inputs(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
-            rewards, q0, temperature, normalizer, impl, check_targets=process_group is None,
+            rewards, q0, temperature, normalizer, impl, memory, check_targets=process_group is None,
         ),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
@@ -417,7 +436,7 @@ def policy_loss(
     surrogate = terms = None
     if route == "plain":
         logp, entropy = _logprob_sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
-                               config.needs_entropy, valid, shard=shard)
+                                       config.needs_entropy, valid, shard=shard, flat_memory=inputs.flat_memory)
     else:
         surrogate, terms, logp, entropy = _fused_sweep(route, config, inputs, flat_targets, valid, hidden, weight,
                                                        logits, normalizer)
@@ -444,7 +463,8 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
     "terms": Triton, token-level objectives: the forward kernel's epilogue evaluates each token's
         gate and KL, so one launch yields the terms and the coefficient their backward needs.
     "gradient": "terms" on the hidden path with gradients wanted: the loss is linear in the terms
-        and the entropy, so each logits tile becomes its gradient during the forward sweep.
+        and the entropy, so each logits tile becomes its gradient during the forward sweep (not with
+        memory="flat": it holds a V x H fp32 d weight accumulator from the forward to the backward).
     A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain";
     so does a compiled call (torch.compile sees the plain sweep as one opaque op).
     """
@@ -458,9 +478,8 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
     )
     if not fusable:
         return "plain"
-    if hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return "gradient"
-    return "terms"
+    wants_grad = hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return "gradient" if wants_grad and not inputs.flat_memory else "terms"
 
 
 def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden, weight, logits, normalizer):
@@ -486,7 +505,7 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
         config, flat_targets, valid,
         hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
         logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
-        temperature=inputs.temperature, return_entropy=need_entropy, **per_token,
+        temperature=inputs.temperature, return_entropy=need_entropy, flat_memory=inputs.flat_memory, **per_token,
     )
     return None, terms, logp, entropy
 
@@ -498,18 +517,21 @@ class PolicyLoss(nn.Module):
     """
 
     def __init__(self, config: LossConfig, impl: str = "auto", *, process_group=None, vocab_start: int | None = None,
-                 reduce_hidden_grad: bool = True):
+                 reduce_hidden_grad: bool = True, memory: str = "default"):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_memory(memory)
         self.config = config
         self.impl = impl
         self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
+        self.memory = memory
 
     def forward(self, targets, mask, advantages=None, **kwargs) -> PolicyLossOutput:
         kwargs.setdefault("impl", self.impl)
+        kwargs.setdefault("memory", self.memory)
         return policy_loss(self.config, targets, mask, advantages, **self.shard, **kwargs)
 
     def extra_repr(self) -> str:
@@ -520,8 +542,11 @@ class TokenLogprobs(nn.Module):
     """`token_logprobs` with temperature, entropy flag, impl and (for a vocab-parallel lm_head) the group stored."""
 
     def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto", *,
-                 process_group=None, vocab_start: int | None = None, reduce_hidden_grad: bool = True):
+                 process_group=None, vocab_start: int | None = None, reduce_hidden_grad: bool = True,
+                 memory: str = "default"):
         super().__init__()
+        _check_memory(memory)
+        self.memory = memory
         self.temperature = _check_temperature(temperature)
         self.return_entropy = return_entropy
         self.impl = impl
@@ -530,5 +555,6 @@ class TokenLogprobs(nn.Module):
     def forward(self, targets, *, hidden=None, weight=None, logits=None):
         return token_logprobs(
             targets, hidden=hidden, weight=weight, logits=logits,
-            temperature=self.temperature, return_entropy=self.return_entropy, impl=self.impl, **self.shard,
+            temperature=self.temperature, return_entropy=self.return_entropy, impl=self.impl, memory=self.memory,
+            **self.shard,
         )

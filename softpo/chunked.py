@@ -34,6 +34,8 @@ class SweepArgs:
     token_chunk: int = TOKEN_CHUNK
     vocab_chunk: int = VOCAB_CHUNK
     shard: vocab_parallel.VocabShard | None = None
+    # The backward sums d weight one vocabulary chunk at a time (vocabulary-major), not in a V x H accumulator.
+    flat_memory: bool = False
 
 
 class OnlineLogSumExp:
@@ -183,12 +185,20 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
 
 def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args,
                   need_hidden, need_weight):
-    """(d hidden, d weight) in the accumulation dtype (None where not needed): each tile recomputed and
-    turned into its gradient."""
+    """(d hidden, d weight) (None where not needed): each tile recomputed and turned into its gradient.
+
+    Default: one token-major pass, both gradients in accumulation-dtype buffers. flat_memory: d hidden
+    token-major, written chunk by chunk in its own dtype, then d weight in a vocabulary-major pass that
+    recomputes the tiles and sums one vocabulary chunk at a time.
+    """
     acc = lse_all.dtype
     inv_temperature = 1.0 / args.temperature
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    flat = args.flat_memory
+    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype if flat else acc, device=hidden.device) \
+        if need_hidden else None
+    d_weight = None
+    if need_weight:
+        d_weight = torch.empty_like(weight) if flat else torch.zeros(weight.shape, dtype=acc, device=weight.device)
     V = weight.shape[0]
     state = {}
 
@@ -202,13 +212,37 @@ def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_l
         if need_hidden:
             state["dh"].addmm_(grad, w)
             if v1 == V:  # the chunk's last tile: its hidden gradient is complete
-                d_hidden[rows] = state["dh"] * inv_temperature
-        if need_weight:
+                d_hidden[rows] = (state["dh"] * inv_temperature).to(d_hidden.dtype)
+        if need_weight and not flat:
             # h already carries 1 / temperature, the chain-rule factor of z = h w^T / T.
             d_weight[v0:v1].addmm_(grad.T, state["h"])
 
-    _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume)
+    if need_hidden or not flat:
+        _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume)
+    if need_weight and flat:
+        _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy,
+                                   args, d_weight)
     return d_hidden, d_weight
+
+
+def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args,
+                               d_weight):
+    """d weight one vocabulary chunk at a time: every token chunk's tile of that chunk becomes its gradient
+    (the global lse and entropy make it exact on its own) and sums into a chunk-sized accumulator."""
+    acc = lse_all.dtype
+    inv_temperature = 1.0 / args.temperature
+    g_logp = torch.zeros_like(lse_all) if g_logp is None else g_logp.to(acc)
+    g_entropy = None if g_entropy is None else g_entropy.to(acc)
+    for v0 in range(0, weight.shape[0], args.vocab_chunk):
+        w = weight[v0:v0 + args.vocab_chunk].to(acc)
+        block = torch.zeros(w.shape, dtype=acc, device=w.device)
+        for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
+            h = hidden[rows].to(acc) * inv_temperature
+            ge = None if g_entropy is None else g_entropy[rows]
+            grad = _grad_tile_(h @ w.T, lse_all[rows], None if ge is None else entropy_all[rows], targets[rows], v0,
+                               g_logp[rows], ge)
+            block.addmm_(grad.T, h)
+        d_weight[v0:v0 + args.vocab_chunk] = block
 
 
 def _hidden_tiles(hidden, weight, acc, temperature):
@@ -282,20 +316,23 @@ def chunked_token_logprobs(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     shard: vocab_parallel.VocabShard | None = None,
+    flat_memory: bool = False,
 ):
     """Flat inputs (targets [N], hidden [N, H] + weight [V, H] or logits [N, V], valid [N] bool) ->
     (logp [N], entropy [N] or None), fp32 (float64 for float64 inputs). Rows where `valid` is False get 0 and zero gradient.
-    With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them."""
+    With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them.
+    flat_memory: the hidden path's d weight summed one vocabulary chunk at a time (see `_hidden_grads`)."""
     N = targets.shape[0]
     device = targets.device
     args = SweepArgs(
-        float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard
+        float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard,
+        bool(flat_memory),
     )
     if shard is None:
         if valid is None:
             valid = torch.ones(N, dtype=torch.bool, device=device)
         logp, entropy, _ = _logprob_op(targets, valid, hidden, weight, logits, args.temperature, args.return_entropy,
-                                       args.token_chunk, args.vocab_chunk)
+                                       args.token_chunk, args.vocab_chunk, args.flat_memory)
         return logp, entropy if return_entropy else None
     # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
     # its tiles in place.
@@ -318,6 +355,7 @@ def chunked_token_logprobs(
 def _logprob_op(
     targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
     logits: torch.Tensor | None, temperature: float, return_entropy: bool, token_chunk: int, vocab_chunk: int,
+    flat_memory: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or [0], lse [N]) in the accumulation dtype."""
     args = SweepArgs(temperature, return_entropy, token_chunk, vocab_chunk)
@@ -334,7 +372,7 @@ def _logprob_op(
 
 
 @_logprob_op.register_fake
-def _(targets, valid, hidden, weight, logits, temperature, return_entropy, token_chunk, vocab_chunk):
+def _(targets, valid, hidden, weight, logits, temperature, return_entropy, token_chunk, vocab_chunk, flat_memory):
     acc = accumulation_dtype((logits if logits is not None else hidden).dtype)
     N = targets.shape[0]
     return (targets.new_empty(N, dtype=acc), targets.new_empty(N if return_entropy else 0, dtype=acc),
@@ -346,10 +384,10 @@ def _logprob_backward_op(
     targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
     logits: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
     g_entropy: torch.Tensor | None, temperature: float, token_chunk: int, vocab_chunk: int, need_hidden: bool,
-    need_weight: bool,
+    need_weight: bool, flat_memory: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d logits, empty) or (d hidden or empty, d weight or empty), in the inputs' dtypes."""
-    args = SweepArgs(temperature, g_entropy is not None, token_chunk, vocab_chunk)
+    args = SweepArgs(temperature, g_entropy is not None, token_chunk, vocab_chunk, flat_memory=flat_memory)
     valid_rows = valid.nonzero().squeeze(-1)
     entropy = entropy if g_entropy is not None else None
     if logits is not None:
@@ -362,7 +400,7 @@ def _logprob_backward_op(
 
 @_logprob_backward_op.register_fake
 def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, token_chunk,
-      vocab_chunk, need_hidden, need_weight):
+      vocab_chunk, need_hidden, need_weight, flat_memory):
     if logits is not None:
         return torch.empty_like(logits), lse.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
@@ -370,18 +408,18 @@ def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, t
 
 
 def _setup_logprob(ctx, inputs, output):
-    targets, valid, hidden, weight, logits, temperature, _, token_chunk, vocab_chunk = inputs
+    targets, valid, hidden, weight, logits, temperature, _, token_chunk, vocab_chunk, flat_memory = inputs
     _, entropy, lse = output
     ctx.save_for_backward(targets, valid, hidden, weight, logits, lse, entropy)
-    ctx.settings = (temperature, token_chunk, vocab_chunk)
+    ctx.settings = (temperature, token_chunk, vocab_chunk, flat_memory)
 
 
 def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
     targets, valid, hidden, weight, logits, lse, entropy = ctx.saved_tensors
-    temperature, token_chunk, vocab_chunk = ctx.settings
+    temperature, token_chunk, vocab_chunk, flat_memory = ctx.settings
     need_hidden, need_weight, need_logits = ctx.needs_input_grad[2:5]
     if not (need_hidden or need_weight or need_logits):
-        return (None,) * 9
+        return (None,) * 10
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     # An entropy that was not computed, or not used, sends no gradient.
@@ -389,12 +427,12 @@ def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
     first, second = _logprob_backward_op(
         targets, valid, hidden, weight, logits, lse, entropy, g_logp.to(lse.dtype),
         None if g_entropy is None else g_entropy.to(lse.dtype), temperature, token_chunk, vocab_chunk,
-        bool(need_hidden), bool(need_weight),
+        bool(need_hidden), bool(need_weight), flat_memory,
     )
     if logits is not None:
-        return None, None, None, None, first, None, None, None, None
+        return None, None, None, None, first, None, None, None, None, None
     return (None, None, first if need_hidden else None, second if need_weight else None, None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _logprob_op.register_autograd(_logprob_backward, setup_context=_setup_logprob)

@@ -28,7 +28,8 @@ class Sweep:
 
     targets int64 [N]; row_idx / n_valid: the valid-first token order (None: all valid); terms:
     the epilogue's per-token inputs and settings (None: log-prob mode); shard: this rank's place in a
-    vocab-parallel lm_head (targets are then ids local to the shard).
+    vocab-parallel lm_head (targets are then ids local to the shard); flat_memory: the hidden path's
+    backward in two passes (token-major d hidden, vocabulary-major d weight), no V x H fp32 accumulator.
     """
 
     targets: torch.Tensor
@@ -39,6 +40,7 @@ class Sweep:
     inplace_backward: bool = False
     terms: K.TermsArgs | None = None
     shard: vocab_parallel.VocabShard | None = None
+    flat_memory: bool = False
 
 
 def _grad_logp(g_out, coef, like):
@@ -57,8 +59,14 @@ TILE_BYTES = 1 << 30
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def _tile_rows(n: int, V: int, element_size: int) -> int:
-    rows = TILE_BYTES // (V * element_size)
+# memory="flat": the backward's two passes use tiles this size, and d weight is summed in fp32 one block of
+# vocabulary rows (at most FLAT_BLOCK_BYTES of fp32) at a time instead of in a V x H fp32 accumulator.
+FLAT_TILE_BYTES = 1 << 28
+FLAT_BLOCK_BYTES = 1 << 26
+
+
+def _tile_rows(n: int, V: int, element_size: int, tile_bytes: int | None = None) -> int:
+    rows = (TILE_BYTES if tile_bytes is None else tile_bytes) // (V * element_size)
     if rows >= 256:
         rows -= rows % 256  # whole matmul tiles
     return max(1, min(n, rows))
@@ -99,13 +107,13 @@ def _check_hidden(hidden, weight, targets):
 _PER_TOKEN_TERMS = ("advantages", "old_logp", "ref_logp", "is_weight")
 
 
-def _projected_tiles(hidden, weight, rows):
+def _projected_tiles(hidden, weight, rows, tile_bytes=None):
     """(idx, hidden rows, logits tile) for each tile of valid tokens; one tile buffer serves them all."""
     N, V = hidden.shape[0], weight.shape[0]
     n = N if rows is None else rows.numel()
     if n == 0:
         return
-    step = _tile_rows(n, V, hidden.element_size())
+    step = _tile_rows(n, V, hidden.element_size(), tile_bytes)
     tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
     for idx in chunks(n, step, rows):
         h = take(hidden, idx)
@@ -138,10 +146,7 @@ def _forward_tile(sweep: Sweep, z, idx, outputs):
 
 def _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, temperature, d_hidden, d_weight):
     """Turn the tile into d logits in place, then add its share of d hidden and d weight."""
-    K.logits_logprob_bwd(
-        z, take(targets, idx), take(lse, idx), take(g_logp, idx), entropy=take(entropy, idx),
-        g_entropy=take(g_entropy, idx), temperature=temperature, out=z,
-    )
+    _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
     if d_hidden is not None:
         put(d_hidden, idx, z @ weight)
     if d_weight is not None:
@@ -156,6 +161,47 @@ def _gradient_buffers(hidden, weight, need_hidden, need_weight, rows):
     acc_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
     return d_hidden, d_weight
+
+
+def _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy, temperature,
+                          need_hidden, need_weight):
+    """The backward in bounded memory, at the price of a second recompute (10NHV in all, not 8NHV).
+
+    Token-major pass: each [tokens, V] tile becomes d logits in place and yields its tokens' rows of
+    d hidden whole. Vocabulary-major pass: for each block of vocabulary rows, every token tile's
+    [tokens, block] logits become d logits (the global lse and entropy make each block's gradient
+    exact on its own) and sum into that block's fp32 d weight, written out in the weight's dtype.
+    """
+    alloc = torch.empty if rows is None else torch.zeros
+    d_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    d_weight = torch.empty_like(weight) if need_weight else None
+    with _no_autocast(hidden):
+        if need_hidden:
+            for idx, _, z in _projected_tiles(hidden, weight, rows, FLAT_TILE_BYTES):
+                _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
+                put(d_hidden, idx, z @ weight)
+        if need_weight:
+            V, H = weight.shape
+            block = max(1, FLAT_BLOCK_BYTES // (4 * H))
+            for v0 in range(0, V, block):
+                rows_of_block = weight[v0:v0 + block]
+                acc = torch.zeros(rows_of_block.shape, dtype=torch.float32 if weight.element_size() < 4 else
+                                  weight.dtype, device=weight.device)
+                # Ids local to the block: a target elsewhere matches no column, as in a vocabulary shard.
+                local = targets - v0
+                for idx, h, z in _projected_tiles(hidden, rows_of_block, rows, FLAT_TILE_BYTES):
+                    _tile_grad_(z, idx, local, lse, g_logp, entropy, g_entropy, temperature)
+                    _accumulate(acc, z.T, h)
+                d_weight[v0:v0 + block] = acc
+    return d_hidden, d_weight
+
+
+def _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature):
+    """The logits tile of tokens `idx`, turned in place into d loss / d logits."""
+    K.logits_logprob_bwd(
+        z, take(targets, idx), take(lse, idx), take(g_logp, idx), entropy=take(entropy, idx),
+        g_entropy=take(g_entropy, idx), temperature=temperature, out=z,
+    )
 
 
 def _sweep_outputs(N, device, sweep: Sweep, rows):
@@ -186,6 +232,7 @@ class HiddenLogprobFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
         ctx.temperature = sweep.temperature
         ctx.shard = sweep.shard
+        ctx.flat_memory = sweep.flat_memory
         if term is None:
             return logp, entropy, None
         ctx.mark_non_differentiable(logp)
@@ -200,8 +247,9 @@ class HiddenLogprobFunction(torch.autograd.Function):
             return None, None, None
         g_logp = _grad_logp(g_out, coef, lse)
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        d_hidden, d_weight = _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
-                                              ctx.temperature, need_hidden, need_weight)
+        backward = _hidden_backward_flat if ctx.flat_memory else _hidden_backward
+        d_hidden, d_weight = backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
+                                      ctx.temperature, need_hidden, need_weight)
         if d_hidden is not None and ctx.shard is not None:
             vocab_parallel.reduce_hidden_grad(ctx.shard, d_hidden)
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
@@ -321,7 +369,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
 @torch.library.custom_op("softpo::triton_logprob", mutates_args=())
 def _logprob_op(
     targets: torch.Tensor, valid: torch.Tensor | None, hidden: torch.Tensor | None, weight: torch.Tensor | None,
-    logits: torch.Tensor | None, temperature: float, return_entropy: bool,
+    logits: torch.Tensor | None, temperature: float, return_entropy: bool, flat_memory: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], entropy [N] or [0], lse [N]), fp32."""
     row_idx, n_valid = valid_first(valid)
@@ -338,7 +386,7 @@ def _logprob_op(
 
 
 @_logprob_op.register_fake
-def _(targets, valid, hidden, weight, logits, temperature, return_entropy):
+def _(targets, valid, hidden, weight, logits, temperature, return_entropy, flat_memory):
     N = targets.shape[0]
     f32 = dict(dtype=torch.float32)
     return targets.new_empty(N, **f32), targets.new_empty(N if return_entropy else 0, **f32), targets.new_empty(N, **f32)
@@ -348,7 +396,7 @@ def _(targets, valid, hidden, weight, logits, temperature, return_entropy):
 def _logprob_backward_op(
     targets: torch.Tensor, valid: torch.Tensor | None, hidden: torch.Tensor | None, weight: torch.Tensor | None,
     logits: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
-    g_entropy: torch.Tensor | None, temperature: float, need_hidden: bool, need_weight: bool,
+    g_entropy: torch.Tensor | None, temperature: float, need_hidden: bool, need_weight: bool, flat_memory: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d logits, empty) or (d hidden or empty, d weight or empty), in the inputs' dtypes."""
     row_idx, n_valid = valid_first(valid)
@@ -359,15 +407,16 @@ def _logprob_backward_op(
                                             temperature=temperature, row_idx=row_idx, n_valid=n_valid)
             return d_logits, lse.new_empty(0)
         rows = valid_rows(row_idx, n_valid)
-        d_hidden, d_weight = _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
-                                              temperature, need_hidden, need_weight)
+        backward = _hidden_backward_flat if flat_memory else _hidden_backward
+        d_hidden, d_weight = backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy, temperature,
+                                      need_hidden, need_weight)
     return (hidden.new_empty(0) if d_hidden is None else d_hidden,
             weight.new_empty(0) if d_weight is None else d_weight.to(weight.dtype))
 
 
 @_logprob_backward_op.register_fake
 def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, need_hidden,
-      need_weight):
+      need_weight, flat_memory):
     if logits is not None:
         return torch.empty_like(logits), lse.new_empty(0)
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
@@ -375,25 +424,25 @@ def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, t
 
 
 def _setup_logprob(ctx, inputs, output):
-    targets, valid, hidden, weight, logits, temperature, _ = inputs
+    targets, valid, hidden, weight, logits, temperature, _, flat_memory = inputs
     _, entropy, lse = output
     ctx.save_for_backward(targets, valid, hidden, weight, logits, lse, entropy)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.flat_memory = temperature, flat_memory
 
 
 def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
     targets, valid, hidden, weight, logits, lse, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_logits = ctx.needs_input_grad[2:5]
     if not (need_hidden or need_weight or need_logits):
-        return (None,) * 7
+        return (None,) * 8
     g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
     # An entropy that was not computed, or not used, sends no gradient.
     g_entropy = g_entropy.float().contiguous() if entropy.numel() and g_entropy is not None else None
     first, second = _logprob_backward_op(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy,
-                                         ctx.temperature, bool(need_hidden), bool(need_weight))
+                                         ctx.temperature, bool(need_hidden), bool(need_weight), ctx.flat_memory)
     if logits is not None:
-        return None, None, None, None, first, None, None
-    return None, None, first if need_hidden else None, second if need_weight else None, None, None, None
+        return None, None, None, None, first, None, None, None
+    return None, None, first if need_hidden else None, second if need_weight else None, None, None, None, None
 
 
 _logprob_op.register_autograd(_logprob_backward, setup_context=_setup_logprob)
@@ -406,7 +455,7 @@ def _on_device(device: torch.device):
 
 
 def _apply(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
-           loss_weights=None, shard=None):
+           loss_weights=None, shard=None, flat_memory=False):
     """The autograd Function that fits the inputs, applied on the tensors' device."""
     assert (logits is None) != (hidden is None or weight is None), "logits, or hidden and weight"
     assert loss_weights is None or (hidden is not None and terms is not None)
@@ -415,7 +464,7 @@ def _apply(targets, hidden, weight, logits, temperature, return_entropy, valid, 
     row_idx, n_valid = valid_first(valid)
     sweep = Sweep(
         targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms,
-        shard,
+        shard, bool(flat_memory),
     )
     if loss_weights is not None:
         with _on_device(targets.device):
@@ -438,6 +487,7 @@ def triton_token_logprobs(
     valid: torch.Tensor | None = None,
     inplace_backward: bool = False,
     shard: vocab_parallel.VocabShard | None = None,
+    flat_memory: bool = False,
 ):
     """Per-token log-prob of targets under softmax(z / temperature), z = hidden @ weight.T or logits.
 
@@ -449,10 +499,11 @@ def triton_token_logprobs(
     """
     if torch.compiler.is_compiling() and shard is None and not inplace_backward:
         logp, entropy, _ = _logprob_op(targets.contiguous(), valid, hidden, weight, logits, float(temperature),
-                                       bool(return_entropy))
+                                       bool(return_entropy), bool(flat_memory))
         return logp, entropy if return_entropy else None
     logp, entropy, _ = _apply(
-        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None, shard=shard
+        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, None, shard=shard,
+        flat_memory=flat_memory,
     )
     return logp, entropy
 
@@ -527,6 +578,7 @@ def triton_fused_token_terms(
     ref_logp: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
     inplace_backward: bool = False,
+    flat_memory: bool = False,
 ):
     """One sweep yielding the per-token terms of a token-level objective (softpo.objectives.token_terms).
 
@@ -536,6 +588,7 @@ def triton_fused_token_terms(
     """
     terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
     term, entropy, logp = _apply(
-        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms
+        targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
+        flat_memory=flat_memory,
     )
     return term, logp, entropy

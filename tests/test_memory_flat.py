@@ -1,0 +1,105 @@
+"""memory="flat": the hidden path's backward without a V x H fp32 accumulator (token-major d hidden,
+vocabulary-major d weight) gives the default mode's results, against float64, on both paths."""
+
+import math
+
+import pytest
+import torch
+
+import softpo
+from softpo import chunked, triton_ops
+
+from reference import assert_close_to_gt, assert_norm_close_to_gt, loss_kwargs
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+B, T, H, V = 3, 7, 24, 203
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    # Several vocabulary blocks and token tiles, ragged at the end, on both paths.
+    monkeypatch.setattr(chunked, "VOCAB_CHUNK", 64)
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 4)
+    monkeypatch.setattr(triton_ops, "FLAT_TILE_BYTES", 8 * V * 4)
+    monkeypatch.setattr(triton_ops, "FLAT_BLOCK_BYTES", 50 * H * 4)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2 / math.sqrt(H))
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    return hidden, weight, targets, mask
+
+
+def _run(config, impl, dtype, memory, hidden, weight, targets, mask):
+    h = hidden.to(dtype).clone().requires_grad_()
+    w = weight.to(dtype).clone().requires_grad_()
+    kwargs = loss_kwargs(config, torch.zeros(B, T, dtype=torch.float64) - 5, uses_rollout=False)
+    out = softpo.policy_loss(config, targets, mask, hidden=h, weight=w, temperature=0.8, impl=impl, memory=memory,
+                             **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), out.logp, h.grad, w.grad
+
+
+CONFIGS = [
+    pytest.param(softpo.SAPO.replace(entropy_coef=0.02), id="sapo-entropy"),
+    pytest.param(softpo.GRPO.replace(beta=0.05), id="grpo-kl"),
+    pytest.param(softpo.GSPO, id="gspo"),
+    pytest.param(softpo.SPO, id="spo"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
+                                        ("triton", torch.float32), ("triton", torch.bfloat16)],
+                         ids=["torch-fp32", "torch-bf16", "triton-fp32", "triton-bf16"])
+def test_flat_matches_float64_as_default_does(config, impl, dtype):
+    inputs = _inputs()
+    gt = _run(config, "torch", torch.float64, "default", *inputs)
+    default = _run(config, impl, dtype, "default", *inputs)
+    flat = _run(config, impl, dtype, "flat", *inputs)
+    for i, what in enumerate(("loss", "logp", "d hidden")):
+        assert_close_to_gt(flat[i], default[i], gt[i], dtype, what)
+    # d weight in half precision: element by element either rounding may fall on the other side.
+    check = assert_close_to_gt if dtype == torch.float32 else assert_norm_close_to_gt
+    check(flat[3], default[3], gt[3], dtype, "d weight")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_flat_token_logprobs_with_entropy(impl):
+    hidden, weight, targets, _ = _inputs(1)
+    g = torch.Generator().manual_seed(5)
+    g_logp, g_entropy = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    grads = []
+    for memory in ("default", "flat"):
+        h, w = hidden.float().clone().requires_grad_(), weight.float().clone().requires_grad_()
+        logp, entropy = softpo.token_logprobs(targets, hidden=h, weight=w, return_entropy=True, impl=impl,
+                                              memory=memory)
+        ((logp * g_logp) + entropy * g_entropy).sum().backward()
+        grads.append((logp.detach(), entropy.detach(), h.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_flat_skips_the_gradient_in_the_forward(monkeypatch):
+    """The gradient-in-forward route holds a V x H fp32 d weight from forward to backward: not with flat."""
+    calls = []
+    real = triton_ops.HiddenFusedLossFunction.apply
+    monkeypatch.setattr(triton_ops.HiddenFusedLossFunction, "apply",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    hidden, weight, targets, mask = _inputs(2)
+    for memory, expected in (("default", 1), ("flat", 1)):
+        _run(softpo.SAPO, "triton", torch.float32, memory, hidden, weight, targets, mask)
+        assert len(calls) == expected
+
+
+def test_bad_memory_mode():
+    hidden, weight, targets, mask = _inputs()
+    with pytest.raises(ValueError, match="memory must be one of"):
+        softpo.token_logprobs(targets, hidden=hidden, weight=weight, memory="low")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        softpo.PolicyLoss(softpo.SAPO, memory="tiny")
