@@ -282,9 +282,13 @@ def test_readme_example_under_torchrun(tmp_path):
     script = tmp_path / "vp_example.py"
     script.write_text(block)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), str(script)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    # A rank that gloo's transport aborts (SIGABRT, exit code -6; see tests/distributed.py) is run again.
+    for attempt in range(3):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1", "--master-port", str(free_port()), str(script)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+        if done.returncode == 0 or "exitcode: -6" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-2000:]
     losses = sorted(re.findall(r"rank (\d): loss (\S+), d weight rows (\d+)", done.stdout))
     assert [(r, rows) for r, _, rows in losses] == [("0", "501"), ("1", "500")]
