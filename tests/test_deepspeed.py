@@ -1,0 +1,135 @@
+"""softpo's TRL drop-in under DeepSpeed ZeRO-3: the same parameters after two optimizer steps as TRL's GRPOTrainer.
+
+Each case spawns real ranks (tests/deepspeed_worker.py): DeepSpeed's CPU accelerator over gloo here, NCCL where
+CUDA is present. Every rank trains TRL's GRPOTrainer and then SoftpoGRPOTrainer for two steps of one generation
+batch under the same ZeRO-3 config, in which every parameter, lm_head included, is partitioned; rank 0 saves
+both trainers' gathered parameters for the comparison here. The optimizer is SGD, so that a parameter differs
+between the runs by the learning rate times the difference of the gradients: Adam's normalization would turn
+the rounding noise of gradients near zero (the key biases') into full-size steps.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip(
+    "deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 builds no ops)"
+)
+
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from test_trl import VOCAB  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_worker.py")
+# A stuck collective fails the test instead of hanging CI; the first run on a machine also compiles
+# DeepSpeed's shared-memory communication op (about a minute on two cores).
+TIMEOUT_S = 600
+# fp32 parameters after two SGD steps: a few units in the last place of the parameter.
+RTOL, ATOL = 1e-6, 1e-8
+
+
+def _model_dir(path, tied):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+        eos_token_id=1, pad_token_id=0, bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    return _model_dir(tmp_path_factory.mktemp("tiny-qwen2"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return _model_dir(tmp_path_factory.mktemp("tiny-qwen2-tied"), tied=True)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world, model_dir, out_dir, overrides):
+    """Run the worker on `world` ranks; return rank 0's results. Fails, never hangs, if a rank does."""
+    import json
+
+    # Gloo's TCP transport occasionally aborts a rank (SIGABRT from a background thread; see the DDP test in
+    # test_train.py): that run is started again, any other failure fails the test.
+    for attempt in range(3):
+        port = _free_port()
+        procs, logs = [], []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+            log = open(os.path.join(out_dir, f"rank{rank}-try{attempt}.log"), "w+")
+            procs.append(subprocess.Popen([sys.executable, WORKER, model_dir, out_dir, json.dumps(overrides)],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+            logs.append(log)
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            # A rank that failed leaves the others waiting in a collective: stop them at once.
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        codes = [p.returncode for p in procs]
+        if all(code == 0 for code in codes):
+            return torch.load(os.path.join(out_dir, "results.pt"))
+        aborted = -signal.SIGABRT in codes
+        if not aborted or attempt == 2:
+            tails = []
+            for rank, log in enumerate(logs):
+                log.seek(0)
+                tails.append(f"--- rank {rank} (exit {codes[rank]}) ---\n" + log.read()[-4000:])
+            pytest.fail(f"DeepSpeed ranks failed (exit codes {codes}):\n" + "\n".join(tails))
+
+
+def _assert_same_training(results, model_dir):
+    (trl_params, trl_logs), (softpo_params, softpo_logs) = results["trl"], results["softpo"]
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial = dict(model.named_parameters())
+    # A tied head is listed once, under the embedding's name.
+    head = next(name for name, p in initial.items() if p is model.get_output_embeddings().weight)
+    assert trl_params.keys() == softpo_params.keys() == initial.keys()
+    for name, ref in trl_params.items():
+        worst = ((softpo_params[name] - ref).abs() - (RTOL * ref.abs() + ATOL)).max().item()
+        assert worst <= 0, f"{name}: softpo's parameter differs from TRL's by {worst:.3g} beyond the tolerance"
+    # The comparison means something only if training moved the head well beyond the tolerance.
+    moved = (trl_params[head] - initial[head]).abs().max().item()
+    assert moved > 1e3 * ATOL, f"two steps moved {head} by only {moved:.3g}"
+    losses = [[entry["loss"] for entry in logs if "loss" in entry] for logs in (trl_logs, softpo_logs)]
+    assert len(losses[0]) == len(losses[1]) == 2
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+
+
+CASES = [
+    # Token-level clip on the chunked torch sweep: its backward re-reads the gathered head.
+    pytest.param(2, "untied", dict(loss_type="dapo"), id="P2-untied-dapo-token"),
+    # GSPO (sequence-level ratio) with a head tied to the embeddings, which ZeRO-3 gathers for two modules.
+    pytest.param(2, "tied", dict(loss_type="grpo", importance_sampling_level="sequence"), id="P2-tied-gspo"),
+    # The fused Triton path (interpreted on CPU), whose sweep forms d weight in the forward; one rank partitions too.
+    pytest.param(1, "untied", dict(loss_type="sapo", softpo_impl="triton"), id="P1-untied-sapo-triton"),
+]
+
+
+@pytest.mark.parametrize("world, head, overrides", CASES)
+def test_zero3_matches_trl(world, head, overrides, untied_dir, tied_dir, tmp_path):
+    model_dir = tied_dir if head == "tied" else untied_dir
+    _assert_same_training(_launch(world, model_dir, str(tmp_path), overrides), model_dir)
