@@ -30,8 +30,11 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_wor
 # A stuck collective fails the test instead of hanging CI; the first run on a machine also compiles
 # DeepSpeed's shared-memory communication op (about a minute on two cores).
 TIMEOUT_S = 600
-# fp32 parameters after two SGD steps: a few units in the last place of the parameter.
+# fp32 parameters after two SGD steps: a few units in the last place of the parameter. On CUDA the Triton sweep
+# multiplies in tf32 (about 5e-4 relative) where TRL's head does not: a parameter may then differ by a small
+# fraction of how far it moved. A gradient that misses ZeRO's partition differs by about the whole move.
 RTOL, ATOL = 1e-6, 1e-8
+MOVE_RTOL = 1e-2 if torch.cuda.is_available() else 0.0
 
 
 def _model_dir(path, tied):
@@ -109,7 +112,8 @@ def _assert_same_training(results, model_dir):
     head = next(name for name, p in initial.items() if p is model.get_output_embeddings().weight)
     assert trl_params.keys() == softpo_params.keys() == initial.keys()
     for name, ref in trl_params.items():
-        worst = ((softpo_params[name] - ref).abs() - (RTOL * ref.abs() + ATOL)).max().item()
+        tolerance = RTOL * ref.abs() + ATOL + MOVE_RTOL * (ref - initial[name]).abs()
+        worst = ((softpo_params[name] - ref).abs() - tolerance).max().item()
         assert worst <= 0, f"{name}: softpo's parameter differs from TRL's by {worst:.3g} beyond the tolerance"
     # The comparison means something only if training moved the head well beyond the tolerance.
     moved = (trl_params[head] - initial[head]).abs().max().item()
@@ -131,5 +135,7 @@ CASES = [
 
 @pytest.mark.parametrize("world, head, overrides", CASES)
 def test_zero3_matches_trl(world, head, overrides, untied_dir, tied_dir, tmp_path):
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        pytest.skip(f"{world} ranks need {world} GPUs: with CUDA present DeepSpeed runs one rank per GPU")
     model_dir = tied_dir if head == "tied" else untied_dir
     _assert_same_training(_launch(world, model_dir, str(tmp_path), overrides), model_dir)
