@@ -1,11 +1,13 @@
 """softpo's TRL drop-in under DeepSpeed ZeRO-3: the same parameters after two optimizer steps as TRL's GRPOTrainer.
 
-Each case spawns real ranks (tests/deepspeed_worker.py): DeepSpeed's CPU accelerator over gloo here, NCCL where
-CUDA is present. Every rank trains TRL's GRPOTrainer and then SoftpoGRPOTrainer for two steps of one generation
-batch under the same ZeRO-3 config, in which every parameter, lm_head included, is partitioned; rank 0 saves
-both trainers' gathered parameters for the comparison here. The optimizer is SGD, so that a parameter differs
-between the runs by the learning rate times the difference of the gradients: Adam's normalization would turn
-the rounding noise of gradients near zero (the key biases') into full-size steps.
+Under ZeRO-3 the loss runs inside lm_head's forward (softpo/integrations/zero3.py). The first test checks that
+route without DeepSpeed: the same loss and gradients as the direct route. Each parity case then spawns real
+ranks (tests/deepspeed_worker.py): DeepSpeed's CPU accelerator over gloo here, NCCL where CUDA is present. Every
+rank trains TRL's GRPOTrainer and then SoftpoGRPOTrainer for two steps of one generation batch under the same
+ZeRO-3 config, in which every parameter, lm_head included, is partitioned; rank 0 saves both trainers' gathered
+parameters for the comparison here. The optimizer is SGD, so that a parameter differs between the runs by the
+learning rate times the difference of the gradients: Adam's normalization would turn the rounding noise of
+gradients near zero (the key biases') into full-size steps.
 """
 
 import os
@@ -18,12 +20,11 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-pytest.importorskip(
-    "deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 builds no ops)"
-)
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+import softpo  # noqa: E402
+from softpo.integrations.trl import _add_softpo_head  # noqa: E402
 from test_trl import VOCAB  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_worker.py")
@@ -56,6 +57,53 @@ def untied_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory):
     return _model_dir(tmp_path_factory.mktemp("tiny-qwen2-tied"), tied=True)
+
+
+def _route_inputs(config, B, T):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -2:] = False
+    kwargs = {name: -3.0 + 0.3 * torch.randn(B, T, generator=g) for name in ("old_logp", "ref_logp")}
+    if config.objective == "spo":
+        kwargs.update(rewards=torch.rand(B, generator=g), q0=torch.rand(B, generator=g))
+    else:
+        kwargs.update(advantages=torch.randn(B, generator=g))
+    return mask, kwargs
+
+
+@pytest.mark.parametrize("config", [softpo.DAPO, softpo.GSPO_TOKEN, softpo.SPO], ids=lambda c: c.name)
+def test_head_route_matches_direct_route(untied_dir, config):
+    """The ZeRO-3 route without DeepSpeed: lm_head's forward runs the loss, with the direct route's loss and
+    gradients; without the keyword the head computes logits as before (generation)."""
+    ids = torch.randint(2, len(VOCAB), (3, 12), generator=torch.Generator().manual_seed(2))
+    T = 5
+    mask, kwargs = _route_inputs(config, ids.shape[0], T)
+
+    def loss_fn(outputs, weight):
+        hidden = outputs.last_hidden_state[:, -T - 1 : -1]
+        out = softpo.policy_loss(config, ids[:, -T:], mask, hidden=hidden, weight=weight, **kwargs)
+        # A stand-in for the router loss: it reads the backbone, not the head.
+        return out, outputs.last_hidden_state.square().mean()
+
+    results = []
+    for zero3 in (False, True):
+        model = Qwen2ForCausalLM.from_pretrained(untied_dir, dtype=torch.float32)
+        logits = model(ids).logits
+        _add_softpo_head(model, zero3=zero3)
+        head_calls = []
+        model.lm_head.register_forward_hook(lambda module, args, output: head_calls.append(type(output)))
+        assert torch.equal(model(ids).logits, logits), "the head's forward without softpo_loss_fn changed"
+        assert head_calls == [torch.Tensor]
+        out, aux = model(ids, softpo_loss_fn=loss_fn)
+        assert head_calls[1:] == ([tuple] if zero3 else [])
+        loss = out.loss + 0.1 * aux
+        params = dict(model.named_parameters())
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        results.append((loss.detach(), out.logp, dict(zip(params, grads))))
+    (direct_loss, direct_logp, direct_grads), (head_loss, head_logp, head_grads) = results
+    assert torch.equal(head_loss, direct_loss) and torch.equal(head_logp, direct_logp)
+    for name, grad in direct_grads.items():
+        assert grad is not None and torch.equal(head_grads[name], grad), name
 
 
 def _free_port():
@@ -135,6 +183,9 @@ CASES = [
 
 @pytest.mark.parametrize("world, head, overrides", CASES)
 def test_zero3_matches_trl(world, head, overrides, untied_dir, tied_dir, tmp_path):
+    pytest.importorskip(
+        "deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 builds no ops)"
+    )
     if torch.cuda.is_available() and torch.cuda.device_count() < world:
         pytest.skip(f"{world} ranks need {world} GPUs: with CUDA present DeepSpeed runs one rank per GPU")
     model_dir = tied_dir if head == "tied" else untied_dir
