@@ -27,7 +27,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..api import policy_loss
 from ..config import LossConfig, preset
-from .zero3 import add_loss_to_head, head_loss
+from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
 
@@ -169,8 +169,6 @@ def _add_softpo_head(model, zero3: bool = False) -> None:
         return softpo_loss_fn(outputs, weight)
 
     model.forward = types.MethodType(forward, model)
-    if zero3:
-        add_loss_to_head(model)
 
 
 def _bound_args(init, args, kwargs):

@@ -29,16 +29,15 @@ from __future__ import annotations
 import functools
 import types
 
-__all__ = ["add_loss_to_head", "head_loss"]
+__all__ = ["head_loss"]
 
 
-def add_loss_to_head(model) -> None:
-    """Let `lm_head(hidden, softpo_loss_fn=f, softpo_outputs=o)` return `(f(o, lm_head.weight).loss, out)`.
+def _add_loss_to_head(head) -> None:
+    """Let `head(hidden, softpo_loss_fn=f, softpo_outputs=o)` return `(out.loss, out)` for `out = f(o, head.weight)`.
 
     `o.last_hidden_state` is replaced by `hidden`: the tensor ZeRO-3's input hook has wrapped, through which
     the release after the backward is triggered. Without the keyword the head's forward is unchanged.
     """
-    head = model.get_output_embeddings()
     replaced_forward = head.forward
 
     @functools.wraps(type(head).forward)
@@ -51,6 +50,7 @@ def add_loss_to_head(model) -> None:
         return out.loss, out
 
     head.forward = types.MethodType(forward, head)
+    head._softpo_loss_forward = True
 
 
 def head_loss(model, loss_fn, outputs):
@@ -64,8 +64,10 @@ def head_loss(model, loss_fn, outputs):
         aux.append(aux_loss)
         return out
 
-    loss, out = model.get_output_embeddings()(
-        outputs.last_hidden_state, softpo_loss_fn=policy_loss_fn, softpo_outputs=outputs
-    )
+    head = model.get_output_embeddings()
+    # Patched at the first call rather than at construction: wrappers may replace the head module in between.
+    if not getattr(head, "_softpo_loss_forward", False):
+        _add_loss_to_head(head)
+    loss, out = head(outputs.last_hidden_state, softpo_loss_fn=policy_loss_fn, softpo_outputs=outputs)
     out.loss = loss
     return out, aux[0]
