@@ -14,10 +14,11 @@ tied embeddings are gathered as for any tied head. ZeRO-3's gradient hook then r
 d weight into this rank's partition.
 
 The alternatives DeepSpeed offers do not fit:
-- `deepspeed.zero.GatheredParameters` around the loss: the gather ends with the forward, so PyTorch refuses
-  the gradient that arrives in the backward (the weight is empty by then). Inside the engine's forward, a
-  read of a partitioned parameter also gathers it and registers it with the running module, and the
-  context's exit then refuses to free it.
+- `deepspeed.zero.GatheredParameters` around the loss: the gather ends with the forward, but a gradient
+  reaches the parameter only in the backward (even d weight formed during the forward, as on the fused
+  Triton path), when the weight is empty and PyTorch refuses it. Inside the engine's forward, a read of a
+  partitioned parameter also gathers it and registers it with the running module, and the context's exit
+  then refuses to free it.
 - `deepspeed.zero.register_external_parameter(model, weight)`: the model's backward hook sits on the tensors
   the model returns, which softpo's output dataclass hides, and the release waits for gradient at the
   model's inputs, token ids that carry none.
