@@ -103,8 +103,9 @@ def main(model_dir, out_dir, overrides):
     results = {}
     for name, trainer_class in (("trl", GRPOTrainer), ("softpo", softpo_trl.SoftpoGRPOTrainer)):
         results[name] = _run(trainer_class, model_dir, os.path.join(out_dir, name), overrides, impl)
-    # Two micro-batches of one generation batch: one softpo loss each.
-    assert len(calls) == 2, f"the ZeRO-3 loss ran {len(calls)} times, expected 2"
+    # One softpo loss per micro-batch: two optimizer steps of `gradient_accumulation_steps` each.
+    expected = 2 * overrides.get("gradient_accumulation_steps", 1)
+    assert len(calls) == expected, f"the ZeRO-3 loss ran {len(calls)} times, expected {expected}"
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     torch.distributed.barrier()

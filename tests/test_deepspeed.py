@@ -174,8 +174,13 @@ def _assert_same_training(results, model_dir):
 CASES = [
     # Token-level clip on the chunked torch sweep: its backward re-reads the gathered head.
     pytest.param(2, "untied", dict(loss_type="dapo"), id="P2-untied-dapo-token"),
-    # GSPO (sequence-level ratio) with a head tied to the embeddings, which ZeRO-3 gathers for two modules.
-    pytest.param(2, "tied", dict(loss_type="grpo", importance_sampling_level="sequence"), id="P2-tied-gspo"),
+    # GSPO (sequence-level ratio) with a head tied to the embeddings, which ZeRO-3 gathers for two modules, and
+    # ZeRO's partitioned gradients accumulated over two micro-batches per step.
+    pytest.param(
+        2, "tied", dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
+                        steps_per_generation=4),
+        id="P2-tied-gspo-accum2",
+    ),
     # The fused Triton path (interpreted on CPU), whose sweep forms d weight in the forward; one rank partitions too.
     pytest.param(1, "untied", dict(loss_type="sapo", softpo_impl="triton"), id="P1-untied-sapo-triton"),
 ]
