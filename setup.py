@@ -22,6 +22,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
         "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib", "cut-cross-entropy"],
         "trl": ["trl>=1.16", "accelerate", "datasets"],
+        # The TRL drop-in under ZeRO-3. DS_BUILD_OPS=0 (the default) compiles no op at install.
+        "deepspeed": ["deepspeed>=0.19", "trl>=1.16", "accelerate", "datasets"],
     },
     entry_points={"console_scripts": ["softpo=softpo.cli:main"]},
 )

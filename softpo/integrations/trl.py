@@ -22,10 +22,12 @@ import types
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import policy_loss
 from ..config import LossConfig, preset
+from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
 
@@ -140,7 +142,7 @@ def _check_model(model) -> float:
     return scale
 
 
-def _add_softpo_head(model) -> None:
+def _add_softpo_head(model, zero3: bool = False) -> None:
     """Let `model(..., softpo_loss_fn=f)` run the backbone and return `f(backbone_outputs, lm_head_weight)`.
 
     The loss runs inside the model's forward, as TRL's own fused head does, so wrappers that act around the
@@ -157,6 +159,9 @@ def _add_softpo_head(model) -> None:
         kwargs["use_cache"] = False
         # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
         outputs = self.base_model(*args, **kwargs)
+        # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
+        if zero3:
+            return head_loss(self, softpo_loss_fn, outputs)
         weight = self.get_output_embeddings().weight
         # FSDP2 shards parameters as DTensors; the loss needs the whole head, gathered differentiably.
         if hasattr(weight, "full_tensor"):
@@ -186,17 +191,9 @@ class SoftpoGRPOMixin:
             loss_config_from_grpo_config(early_args)
         super().__init__(*args, **kwargs)
         self.softpo_config = loss_config_from_grpo_config(self.args)
-        if self.is_deepspeed_enabled:
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                raise ValueError(
-                    "DeepSpeed ZeRO-3 (deepspeed config): softpo's backward re-reads lm_head.weight, which "
-                    "ZeRO-3 has partitioned again by then; use ZeRO-2 or FSDP"
-                )
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._softpo_logit_scale = _check_model(target)
-        _add_softpo_head(target)
+        _add_softpo_head(target, zero3=self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
 
     def _normalizer(self, inputs, mode):
         """The token count TRL's dapo and cispo divide one micro-batch's sum by, before the 1/accumulation factor."""
