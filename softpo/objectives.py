@@ -66,7 +66,7 @@ def gate_terms(
         )
         return -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * advantages
     # cispo: REINFORCE on logp, weighted by the detached, capped ratio.
-    return -ratio.clamp(max=config.epsilon_upper).detach() * advantages * logp
+    return -ratio.clamp(min=config.cispo_floor, max=config.epsilon_upper).detach() * advantages * logp
 
 
 def kl_terms(config: LossConfig, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -127,17 +127,31 @@ def rollout_weights(
 def aggregate(
     config: LossConfig, terms: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Reduce per-token terms [B, T] to the scalar loss."""
+    """Reduce per-token terms [B, T] to the scalar loss.
+
+    normalizer replaces the local count the sum is divided by: tokens for "token-mean", sequences for
+    the "seq-mean-*" modes, and a plain divisor for "token-sum". A data-parallel caller passes the
+    global count over the number of ranks, so that averaging gradients over ranks gives the global mean.
+    """
     B, T = mask.shape
     if config.loss_aggregation == "seq-mean-token-mean":
         per_seq = _masked_sum(terms, mask, -1) / mask.sum(-1).clamp(min=1)
+        if normalizer is not None:
+            return per_seq.sum() / normalizer
         return per_seq.mean() if B else terms.sum()
     if config.loss_aggregation == "token-mean":
         denominator = mask.sum().clamp(min=1) if normalizer is None else normalizer
         return _masked_sum(terms, mask) / denominator
+    if config.loss_aggregation == "token-sum":
+        total = _masked_sum(terms, mask)
+        return total if normalizer is None else total / normalizer
     if config.loss_aggregation == "seq-mean-token-sum-norm":
         length = config.max_completion_length or T
+        if normalizer is not None:
+            return _masked_sum(terms, mask) / (normalizer * length)
         return _masked_sum(terms, mask) / max(B * length, 1)
+    if normalizer is not None:
+        return _masked_sum(terms, mask) / normalizer
     return _masked_sum(terms, mask, -1).mean() if B else terms.sum()
 
 
