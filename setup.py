@@ -22,6 +22,11 @@ setup(
         "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
         "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib"],
         "trl": ["trl>=1.16", "accelerate", "datasets"],
+        "verl": ["verl>=0.9.1"],
     },
-    entry_points={"console_scripts": ["softpo=softpo.cli:main"]},
+    entry_points={
+        "console_scripts": ["softpo=softpo.cli:main"],
+        # verl imports every "verl.plugins" entry point when it is imported: this registers softpo's losses.
+        "verl.plugins": ["softpo=softpo.integrations.verl"],
+    },
 )

@@ -241,12 +241,15 @@ def policy_objective(
     entropy: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     terms: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss and metrics of `config` from per-token log-probs.
 
     logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
     `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
     and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
+    `is_weight` [B, T]: a sampler-mismatch weight computed by the caller (e.g. verl's
+    rollout_is_weights), used as is instead of one derived from `rollout_logp`.
     """
     metrics: dict[str, torch.Tensor] = {}
     if config.objective == "spo":
@@ -259,8 +262,9 @@ def policy_objective(
         adv = adv.expand_as(logp)
         log_ratio = log_importance_ratio(config, logp, old_logp, mask)
         ratio = bounded_exp(log_ratio)
-        is_weight = None
-        if rollout_logp is not None:
+        if is_weight is not None:
+            is_weight = is_weight.detach()
+        elif rollout_logp is not None:
             old = logp.detach() if old_logp is None else old_logp
             is_weight = rollout_weights(config, old, rollout_logp, mask)
             metrics["is_weight_mean"] = _masked_mean(is_weight.expand_as(logp), mask)
