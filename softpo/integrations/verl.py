@@ -295,6 +295,10 @@ def linear_cross_entropy(
             raise ValueError("dist_process_group: this softpo's token_logprobs has no vocab-parallel sweep "
                              "(no process_group= argument); pass dist_process_group=None")
         kwargs["process_group"] = dist_process_group
+    if weight.dtype != hidden.dtype:
+        # Under FSDP mixed precision the head's weight can arrive in its storage dtype next to hidden
+        # states in the compute dtype: the sweep runs in the compute dtype, the cast passes gradients back.
+        weight = weight.to(hidden.dtype)
     logp, entropy = token_logprobs(labels, hidden=hidden, weight=weight, temperature=temperature,
                                    return_entropy=True, **kwargs)
     logp, entropy = logp.float(), entropy.float()
