@@ -294,6 +294,30 @@ def test_backend_bad_arguments_and_process_group():
         plugin.linear_cross_entropy(hidden, weight, labels, 1.0, "none", dist_process_group=object())
 
 
+def test_backend_refuses_a_sharded_head_weight():
+    # What verl's fused forward passes under FSDP2 with an untied lm_head: a DTensor shard (a real one, on a
+    # one-process gloo group in a child process so this process's torch.distributed stays untouched).
+    code = """
+import datetime, os, socket, torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+torch.distributed.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+from softpo.integrations.verl import linear_cross_entropy
+weight = distribute_tensor(torch.randn(11, 8), init_device_mesh("cpu", (1,)), [Shard(0)])
+try:
+    linear_cross_entropy(torch.randn(3, 8), weight, torch.randint(0, 11, (3,)), 1.0, "none")
+    print("no error")
+except ValueError as error:
+    print("ValueError:", error)
+torch.distributed.barrier(); torch.distributed.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ValueError: weight is a DTensor" in out.stdout, out.stdout
+
+
 def test_use_softpo_linear_cross_entropy_reroutes_verl(monkeypatch):
     from verl.utils.kernel import linear_cross_entropy as verl_lce
 

@@ -25,6 +25,7 @@ import inspect
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
 from .. import objectives
@@ -295,6 +296,12 @@ def linear_cross_entropy(
             raise ValueError("dist_process_group: this softpo's token_logprobs has no vocab-parallel sweep "
                              "(no process_group= argument); pass dist_process_group=None")
         kwargs["process_group"] = dist_process_group
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            "weight is a DTensor shard: FSDP2 wraps an untied lm_head on its own, and verl's fused forward reads "
+            "its weight outside that module's forward (verl's own fused backends fail the same way); use tied "
+            "embeddings or model.use_fused_kernels=False"
+        )
     if weight.dtype != hidden.dtype:
         # Under FSDP mixed precision the head's weight can arrive in its storage dtype next to hidden
         # states in the compute dtype: the sweep runs in the compute dtype, the cast passes gradients back.
