@@ -191,7 +191,8 @@ def test_spo_bad_configs_name_the_key():
         estimator(token_level_rewards=token_scores, response_mask=mask, config=AlgoConfig(use_kl_in_reward=True,
                                                                                           kl_ctrl=kl))
     loss = core_algos.get_policy_loss_fn("softpo_spo")
-    args = dict(old_log_prob=old, log_prob=logp, advantages=token_scores, response_mask=mask, loss_agg_mode="token-mean")
+    args = dict(old_log_prob=old, log_prob=logp, advantages=token_scores, response_mask=mask,
+                loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match="actor.kl_loss_coef"):
         loss(**args, config=actor_config(kl_loss_coef=0.0))
     with pytest.raises(ValueError, match="actor.use_kl_loss"):

@@ -61,7 +61,9 @@ def _vanilla(config, agg):
     low, high = _clip_range(config)
     dual_clip = _get(config, "clip_ratio_c", 3.0)
     if not dual_clip > 1 + high:
-        raise ValueError(f"actor.clip_ratio_c must be > 1 + clip_ratio_high = {1 + high} for softpo_vanilla, got {dual_clip}")
+        raise ValueError(
+            f"actor.clip_ratio_c must be > 1 + clip_ratio_high = {1 + high} for softpo_vanilla, got {dual_clip}"
+        )
     # verl's dual clip bounds the loss of negative-advantage tokens by c |A|; softpo's delta caps the
     # unclipped ratio at c, which gives the same value and gradient once c > 1 + clip_ratio_high.
     return preset("grpo", epsilon=low, epsilon_high=high, delta=dual_clip, loss_aggregation=agg)
@@ -91,7 +93,9 @@ def _sapo_agg(config, agg):
 def _cispo(config, agg):
     low, high = _clip_range(config)
     if not 0 <= low <= 1:
-        raise ValueError(f"actor.clip_ratio_low must lie in [0, 1] for softpo_cispo (1 - it is the ratio floor), got {low}")
+        raise ValueError(
+            f"actor.clip_ratio_low must lie in [0, 1] for softpo_cispo (1 - it is the ratio floor), got {low}"
+        )
     return preset("cispo", epsilon_high=1 + high, cispo_floor=1 - low, loss_aggregation=agg)
 
 
@@ -196,13 +200,19 @@ def _spo_beta_from_algorithm(config) -> float:
         raise ValueError("algorithm.use_kl_in_reward must be True for adv_estimator=softpo_spo: SPO's reference "
                          "log-probs reach the loss as the KL penalty in the rewards")
     if _get(config, "kl_penalty", "kl") != "kl":
-        raise ValueError(f"algorithm.kl_penalty must be 'kl' for adv_estimator=softpo_spo, got {_get(config, 'kl_penalty')!r}")
+        raise ValueError(
+            f"algorithm.kl_penalty must be 'kl' for adv_estimator=softpo_spo, got {_get(config, 'kl_penalty')!r}"
+        )
     kl_ctrl = _get(config, "kl_ctrl")
     if kl_ctrl is None or _get(kl_ctrl, "type", "fixed") != "fixed":
-        raise ValueError("algorithm.kl_ctrl.type must be 'fixed' for adv_estimator=softpo_spo (beta is SPO's temperature)")
+        raise ValueError(
+            "algorithm.kl_ctrl.type must be 'fixed' for adv_estimator=softpo_spo (beta is SPO's temperature)"
+        )
     beta = _get(kl_ctrl, "kl_coef")
     if beta is None or not beta > 0:
-        raise ValueError(f"algorithm.kl_ctrl.kl_coef must be > 0 for adv_estimator=softpo_spo (it is SPO's beta), got {beta!r}")
+        raise ValueError(
+            f"algorithm.kl_ctrl.kl_coef must be > 0 for adv_estimator=softpo_spo (it is SPO's beta), got {beta!r}"
+        )
     return float(beta)
 
 
@@ -241,7 +251,9 @@ def spo_policy_loss(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl policy loss 'softpo_spo': SPO's squared cumulative-Q loss; advantages must come from adv_estimator=softpo_spo.
+    """verl policy loss 'softpo_spo': SPO's squared cumulative-Q loss.
+
+    The advantages must come from adv_estimator=softpo_spo (one SPO target per sequence).
 
     Beta is actor.kl_loss_coef (set it equal to algorithm.kl_ctrl.kl_coef). loss_agg_mode is not used:
     SPO's loss is a mean over sequences, divided by verl's global sequence count.
@@ -266,7 +278,8 @@ def spo_policy_loss(
     # spo_loss is the mean over this micro-batch's sequences; verl sums micro-batches, so rescale to the
     # share of the global mean.
     loss = loss * mask.shape[0] / normalizer
-    metrics = {"actor/softpo/spo_q_minus_r": float(q.detach().mean()) if q.numel() else 0.0}
+    # With q0 = 0 and the target in place of the reward, spo_loss's Q is beta sum_t (logp - old); Q - R is Q - y.
+    metrics = {"actor/softpo/spo_q_minus_r": float((q - target).detach().mean()) if q.numel() else 0.0}
     metrics["actor/ppo_kl"] = float(objectives._masked_mean((old_log_prob - log_prob).detach(), mask))
     return loss, metrics
 
