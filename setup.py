@@ -24,6 +24,11 @@ setup(
         "trl": ["trl>=1.16", "accelerate", "datasets"],
         # The TRL drop-in under ZeRO-3. DS_BUILD_OPS=0 (the default) compiles no op at install.
         "deepspeed": ["deepspeed>=0.19", "trl>=1.16", "accelerate", "datasets"],
+        "verl": ["verl>=0.9.1"],
     },
-    entry_points={"console_scripts": ["softpo=softpo.cli:main"]},
+    entry_points={
+        "console_scripts": ["softpo=softpo.cli:main"],
+        # verl imports every "verl.plugins" entry point when it is imported: this registers softpo's losses.
+        "verl.plugins": ["softpo=softpo.integrations.verl"],
+    },
 )

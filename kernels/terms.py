@@ -48,9 +48,9 @@ def _soft_gate(r, adv, tau_pos, tau_neg):
 
 
 @triton.jit
-def _truncated_gate(r, adv, logp, cap):
-    """-stopgrad(min(r, cap)) A logp: REINFORCE weighted by the capped ratio."""
-    w = tl.minimum(r, cap)
+def _truncated_gate(r, adv, logp, floor, cap):
+    """-stopgrad(clamp(r, floor, cap)) A logp: REINFORCE weighted by the clamped ratio."""
+    w = tl.minimum(tl.maximum(r, floor), cap)
     return -w * adv * logp, -w * adv
 
 
@@ -89,7 +89,7 @@ def _token_terms(
     elif GATE == 1:
         value, coef = _soft_gate(r, adv, tau_pos, tau_neg)
     else:
-        value, coef = _truncated_gate(r, adv, logp, hi)
+        value, coef = _truncated_gate(r, adv, logp, lo, hi)
     if HAS_ISW:
         value = value * isw
         coef = coef * isw
@@ -179,7 +179,7 @@ def _token_terms_kernel(
 class TermsArgs:
     """Per-token inputs and settings of the epilogue, as forward-kernel keyword arguments.
 
-    lo, hi: the clip range of the ratio (clip gate); hi is the ratio cap of the truncated gate.
+    lo, hi: the clip range of the ratio (clip gate); the floor and cap of the truncated gate.
     kl: KL_NONE (no KL term), KL_K1, KL_K2 or KL_K3.
     """
 

@@ -15,7 +15,9 @@ OBJECTIVES = ("policy", "spo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 GATES = ("clip", "soft", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
+LOSS_AGGREGATIONS = (
+    "seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-sum",
+)
 ROLLOUT_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SPO_LOSSES = ("squared", "bce")
 
@@ -46,6 +48,8 @@ class LossConfig:
         (REINFORCE weighted by the detached ratio capped at `epsilon_high`).
     epsilon, epsilon_high: lower and upper clip range; `epsilon_high=None` means `epsilon`. For the
         cispo gate `epsilon_high` is the cap on the ratio, as in TRL.
+    cispo_floor: lower bound on the cispo gate's detached ratio (verl's CISPO clamps it to
+        [1 - clip_ratio_low, 1 + clip_ratio_high]); None = no floor, as in TRL.
     delta: dual-clip upper bound on the unclipped ratio (None = off).
     sapo_temperature_pos, sapo_temperature_neg: SAPO's tau for positive / non-positive advantages.
     beta: KL coefficient (policy objectives) or the soft-RL temperature (SPO).
@@ -53,7 +57,7 @@ class LossConfig:
     use_bias_correction_kl: multiply the per-token KL by the importance ratio.
     entropy_coef: coefficient of the entropy bonus (subtracted from the loss).
     compute_entropy: compute entropy for the metrics even when `entropy_coef` is 0.
-    loss_aggregation: how per-token terms become a scalar.
+    loss_aggregation: how per-token terms become a scalar ("token-sum": the plain masked sum).
     max_completion_length: the constant of "seq-mean-token-sum-norm" (Dr.GRPO); None = T.
     vllm_importance_sampling_mode, vllm_importance_sampling_cap: rollout/trainer mismatch correction,
         applied when `rollout_logp` is given.
@@ -66,6 +70,7 @@ class LossConfig:
     gate: str = "clip"
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    cispo_floor: float | None = None
     delta: float | None = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
@@ -91,6 +96,8 @@ class LossConfig:
         _finite("epsilon", self.epsilon, nonnegative=True)
         if self.epsilon_high is not None:
             _finite("epsilon_high", self.epsilon_high, positive=self.gate == "cispo", nonnegative=True)
+        if self.cispo_floor is not None:
+            _finite("cispo_floor", self.cispo_floor, nonnegative=True)
         if self.gate == "clip" and self.epsilon >= 1:
             raise ValueError(f"epsilon must be < 1 for the clip gate (1 - epsilon is a ratio), got {self.epsilon}")
         if self.delta is not None:

@@ -66,7 +66,7 @@ def gate_terms(
         )
         return -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * advantages
     # cispo: REINFORCE on logp, weighted by the detached, capped ratio.
-    return -ratio.clamp(max=config.epsilon_upper).detach() * advantages * logp
+    return -ratio.clamp(min=config.cispo_floor, max=config.epsilon_upper).detach() * advantages * logp
 
 
 def kl_terms(config: LossConfig, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -127,17 +127,31 @@ def rollout_weights(
 def aggregate(
     config: LossConfig, terms: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Reduce per-token terms [B, T] to the scalar loss."""
+    """Reduce per-token terms [B, T] to the scalar loss.
+
+    normalizer replaces the local count the sum is divided by: tokens for "token-mean", sequences for
+    the "seq-mean-*" modes, and a plain divisor for "token-sum". A data-parallel caller passes the
+    global count over the number of ranks, so that averaging gradients over ranks gives the global mean.
+    """
     B, T = mask.shape
     if config.loss_aggregation == "seq-mean-token-mean":
         per_seq = _masked_sum(terms, mask, -1) / mask.sum(-1).clamp(min=1)
+        if normalizer is not None:
+            return per_seq.sum() / normalizer
         return per_seq.mean() if B else terms.sum()
     if config.loss_aggregation == "token-mean":
         denominator = mask.sum().clamp(min=1) if normalizer is None else normalizer
         return _masked_sum(terms, mask) / denominator
+    if config.loss_aggregation == "token-sum":
+        total = _masked_sum(terms, mask)
+        return total if normalizer is None else total / normalizer
     if config.loss_aggregation == "seq-mean-token-sum-norm":
         length = config.max_completion_length or T
+        if normalizer is not None:
+            return _masked_sum(terms, mask) / (normalizer * length)
         return _masked_sum(terms, mask) / max(B * length, 1)
+    if normalizer is not None:
+        return _masked_sum(terms, mask) / normalizer
     return _masked_sum(terms, mask, -1).mean() if B else terms.sum()
 
 
@@ -227,12 +241,15 @@ def policy_objective(
     entropy: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     terms: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss and metrics of `config` from per-token log-probs.
 
     logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
     `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
     and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
+    `is_weight` [B, T]: a sampler-mismatch weight computed by the caller (e.g. verl's
+    rollout_is_weights), used as is instead of one derived from `rollout_logp`.
     """
     metrics: dict[str, torch.Tensor] = {}
     if config.objective == "spo":
@@ -245,8 +262,9 @@ def policy_objective(
         adv = adv.expand_as(logp)
         log_ratio = log_importance_ratio(config, logp, old_logp, mask)
         ratio = bounded_exp(log_ratio)
-        is_weight = None
-        if rollout_logp is not None:
+        if is_weight is not None:
+            is_weight = is_weight.detach()
+        elif rollout_logp is not None:
             old = logp.detach() if old_logp is None else old_logp
             is_weight = rollout_weights(config, old, rollout_logp, mask)
             metrics["is_weight_mean"] = _masked_mean(is_weight.expand_as(logp), mask)

@@ -515,7 +515,7 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     gate = {"clip": K.GATE_CLIP, "soft": K.GATE_SOFT, "cispo": K.GATE_TRUNCATED}[config.gate]
     if config.gate == "cispo":
-        lo, hi = 0.0, config.epsilon_upper
+        lo, hi = config.cispo_floor or 0.0, config.epsilon_upper
     else:
         lo, hi = 1 - config.epsilon, 1 + config.epsilon_upper
     kl = {"k1": K.KL_K1, "k2": K.KL_K2, "k3": K.KL_K3}[config.kl_estimator] if config.beta > 0 else K.KL_NONE

@@ -27,6 +27,7 @@ CONFIGS = {
     "soft-tau": softpo.SAPO.replace(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
     "cispo": softpo.CISPO,
     "cispo-cap1.1": softpo.CISPO.replace(epsilon_high=1.1),
+    "cispo-floor0.9": softpo.CISPO.replace(epsilon_high=1.1, cispo_floor=0.9),  # verl's two-sided CISPO clamp
     "clip-k1": softpo.GRPO.replace(beta=0.1, kl_estimator="k1"),
     "clip-k2": softpo.GRPO.replace(beta=0.1, kl_estimator="k2"),
     "clip-k3": softpo.GRPO.replace(beta=0.1, kl_estimator="k3"),
