@@ -289,10 +289,42 @@ def test_backend_bad_arguments_and_process_group():
         plugin.linear_cross_entropy(hidden, weight, labels, 1.0, "avg")
     with pytest.raises(ValueError, match="targets"):
         plugin.linear_cross_entropy(hidden, weight, labels + 11, 1.0, "none")
-    if "process_group" in inspect.signature(softpo.token_logprobs).parameters:
-        pytest.skip("this softpo has a vocab-parallel token_logprobs; its tests cover the process group")
-    with pytest.raises(ValueError, match="dist_process_group"):
-        plugin.linear_cross_entropy(hidden, weight, labels, 1.0, "none", dist_process_group=object())
+
+
+def _vocab_parallel_backend_worker(rank, world, out_dir):
+    """verl's tensor-parallel contract: each rank holds a contiguous shard of the head's rows, labels are global."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(97, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 97, (2, 6), generator=g)
+    rows = torch.tensor_split(torch.arange(97), world)[rank]
+    h = hidden.clone().requires_grad_()
+    w = weight[rows].clone().requires_grad_()
+    logp, entropy = plugin.linear_cross_entropy(h, w, labels, 0.8, "none", dist_process_group=dist.group.WORLD)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    torch.save({"logp": logp.detach(), "entropy": entropy.detach(), "d_hidden": h.grad, "d_weight": w.grad,
+                "rows": (int(rows[0]), int(rows[-1]) + 1)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_backend_with_dist_process_group_equals_one_process(tmp_path):
+    from distributed import run_group
+
+    run_group(_vocab_parallel_backend_worker, 2, str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 8, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(97, 8, generator=g, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 97, (2, 6), generator=g)
+    logp, entropy = plugin.linear_cross_entropy(hidden, weight, labels, 0.8, "none")
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        start, stop = got["rows"]
+        torch.testing.assert_close(got["logp"], logp.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["entropy"], entropy.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["d_hidden"], hidden.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["d_weight"], weight.grad[start:stop], rtol=1e-10, atol=1e-12)
 
 
 def test_backend_refuses_a_sharded_head_weight():
