@@ -17,19 +17,29 @@ from ._common import _finish_lse, interpreting
 
 GATE_CLIP, GATE_SOFT, GATE_TRUNCATED = 0, 1, 2
 KL_NONE, KL_K1, KL_K2, KL_K3 = 0, 1, 2, 3
+IS_AS_GIVEN, IS_TRUNCATE, IS_MASK = 0, 1, 2
+# softpo.objectives.LOG_RATIO_LIMIT: exponentials of log-ratios are taken at most at this exponent.
+LOG_RATIO_LIMIT: tl.constexpr = tl.constexpr(20.0)
 
 
 @triton.jit
-def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
-    """-min(u A, clamp(r, lo, hi) A), u = min(r, delta) with a dual clip, else r."""
+def _bounded_exp(x, limit):
+    """(exp(min(x, limit)), its derivative): like torch's clamp, the derivative is 0 beyond the limit."""
+    e = tl.exp(tl.minimum(x, limit))
+    return e, tl.where(x <= limit, e, 0.0)
+
+
+@triton.jit
+def _clip_gate(r, dr, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """-min(u A, clamp(r, lo, hi) A), u = min(r, delta) with a dual clip, else r; dr = d r / d logp."""
     c = tl.minimum(tl.maximum(r, lo), hi)
-    dc = tl.where((r >= lo) & (r <= hi), r, 0.0)
+    dc = tl.where((r >= lo) & (r <= hi), dr, 0.0)
     if HAS_DELTA:
         u = tl.minimum(r, delta)
-        du = tl.where(r <= delta, r, 0.0)
+        du = tl.where(r <= delta, dr, 0.0)
     else:
         u = r
-        du = r
+        du = dr
     a = u * adv
     b = c * adv
     # Ties (torch.minimum splits their gradient evenly) need A = 0 or u = c inside the clip range,
@@ -38,13 +48,13 @@ def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
 
 
 @triton.jit
-def _soft_gate(r, adv, tau_pos, tau_neg):
+def _soft_gate(r, dr, adv, tau_pos, tau_neg):
     """-sigmoid(tau (r - 1)) 4 / tau A, tau chosen by the sign of A."""
     tau = tl.where(adv > 0, tau_pos, tau_neg)
     x = tau * (r - 1.0)
     s = tl.sigmoid(x)
     # sigmoid(-x) rather than 1 - s, which loses all precision once the gate saturates.
-    return -s * (4.0 / tau) * adv, -4.0 * s * tl.sigmoid(-x) * r * adv
+    return -s * (4.0 / tau) * adv, -4.0 * s * tl.sigmoid(-x) * dr * adv
 
 
 @triton.jit
@@ -56,19 +66,25 @@ def _truncated_gate(r, adv, logp, cap):
 
 @triton.jit
 def _kl_estimate(logp, ref, KL: tl.constexpr):
-    """Estimate of KL(pi || pi_ref) from log pi_ref - log pi (Schulman's k1, k2, k3)."""
+    """(value, d value / d logp, their sum) of an estimate of KL(pi || pi_ref) from d = log pi_ref - log pi
+    (Schulman's k1, k2, k3). The sum is formed without cancellation for the bias-corrected KL."""
     d = ref - logp
     if KL == 1:
         value = -d
         deriv = tl.full(d.shape, 1.0, tl.float32)
+        total = 1.0 - d
     elif KL == 2:
         value = d * d * 0.5
         deriv = -d
+        total = value - d
     else:
-        e = tl.exp(d)
-        value = e - d - 1.0
-        deriv = 1.0 - e
-    return value, deriv
+        e, de = _bounded_exp(d, LOG_RATIO_LIMIT)
+        # e - d - 1 loses every digit as d -> 0; there the series of exp(d) - 1 - d, exact to 4e-7.
+        series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (1.0 / 720)))))
+        value = tl.where(tl.abs(d) < 0.25, series, e - d - 1.0)
+        deriv = 1.0 - de
+        total = tl.where(d <= LOG_RATIO_LIMIT, -d, e - d)
+    return value, deriv, total
 
 
 @triton.jit
@@ -80,23 +96,25 @@ def _token_terms(
 ):
     """(term, d term / d logp) of one token-level policy objective; absent inputs are ignored."""
     if HAS_OLD:
-        r = tl.exp(logp - old)
+        r, dr = _bounded_exp(logp - old, LOG_RATIO_LIMIT)
     else:
         # On-policy: the ratio is exactly 1 and its derivative wrt logp is r = 1.
         r = tl.full(logp.shape, 1.0, tl.float32)
+        dr = r
     if GATE == 0:
-        value, coef = _clip_gate(r, adv, lo, hi, delta, HAS_DELTA)
+        value, coef = _clip_gate(r, dr, adv, lo, hi, delta, HAS_DELTA)
     elif GATE == 1:
-        value, coef = _soft_gate(r, adv, tau_pos, tau_neg)
+        value, coef = _soft_gate(r, dr, adv, tau_pos, tau_neg)
     else:
         value, coef = _truncated_gate(r, adv, logp, hi)
     if HAS_ISW:
         value = value * isw
         coef = coef * isw
     if KL != 0:
-        kl, dkl = _kl_estimate(logp, ref, KL)
+        kl, dkl, kl_plus_dkl = _kl_estimate(logp, ref, KL)
         if KL_RATIO:
-            dkl = (dkl + kl) * r
+            # d (kl r) = dkl r + kl dr, where dr is r below the ratio's cap and 0 above it.
+            dkl = r * tl.where(dr == r, kl_plus_dkl, dkl)
             kl = kl * r
         value = value + beta * kl
         coef = coef + beta * dkl

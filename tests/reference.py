@@ -31,10 +31,13 @@ def reference_policy_loss(config, targets, mask, advantages=None, *, hidden=None
     return loss
 
 
-def assert_close_to_gt(out, ref, gt, dtype, what=""):
-    """ours (out) is never worse than plain torch in the same dtype (ref), against float64 (gt)."""
+def assert_close_to_gt(out, ref, gt, dtype, what="", scale=None):
+    """ours (out) is never worse than plain torch in the same dtype (ref), against float64 (gt).
+
+    scale: the magnitude the dtype's tolerance is relative to, where it is not |gt| (a sum of parts).
+    """
     out, ref, gt = out.double(), ref.double(), gt.double()
-    tol = TOLERANCE[dtype] * (1 + gt.abs())
+    tol = TOLERANCE[dtype] * (1 + (gt.abs() if scale is None else scale.double()))
     err_out = (out - gt).abs()
     bound = (ref - gt).abs() + tol
     worst = (err_out - bound).max() if err_out.numel() else torch.tensor(-1.0)
