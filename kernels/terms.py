@@ -88,11 +88,21 @@ def _kl_estimate(logp, ref, KL: tl.constexpr):
 
 
 @triton.jit
+def _bound_weight(w, is_lo, is_hi, IS_BOUND: tl.constexpr):
+    """The sampler-mismatch weight clipped to (IS_TRUNCATE) or zeroed outside (IS_MASK) [is_lo, is_hi]."""
+    if IS_BOUND == 1:
+        w = tl.minimum(tl.maximum(w, is_lo), is_hi)
+    elif IS_BOUND == 2:
+        w = tl.where((w < is_lo) | (w > is_hi), 0.0, w)
+    return w
+
+
+@triton.jit
 def _token_terms(
     logp, adv, old, ref, isw,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
 ):
     """(term, d term / d logp) of one token-level policy objective; absent inputs are ignored."""
     if HAS_OLD:
@@ -108,6 +118,7 @@ def _token_terms(
     else:
         value, coef = _truncated_gate(r, adv, logp, hi)
     if HAS_ISW:
+        isw = _bound_weight(isw, is_lo, is_hi, IS_BOUND)
         value = value * isw
         coef = coef * isw
     if KL != 0:
@@ -125,9 +136,9 @@ def _token_terms(
 def _terms_epilogue(
     logp, rows, in_range, active,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
 ):
     """Load a block's per-token inputs at `rows`, evaluate the terms, store term and coef (0 if masked)."""
     adv = tl.load(adv_ptr + rows, mask=active, other=0.0).to(tl.float32)
@@ -141,8 +152,8 @@ def _terms_epilogue(
     if HAS_ISW:
         isw = tl.load(isw_ptr + rows, mask=active, other=0.0).to(tl.float32)
     value, coef = _token_terms(
-        logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta,
-        GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
+        GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
     )
     tl.store(term_ptr + rows, tl.where(active, value, 0.0), mask=in_range)
     tl.store(coef_ptr + rows, tl.where(active, coef, 0.0), mask=in_range)
@@ -153,9 +164,10 @@ def _finish_rows(
     m, s, t, z_target, rows, in_range, active,
     logp_ptr, lse_ptr, entropy_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     STORE_ENTROPY: tl.constexpr, HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    IS_BOUND: tl.constexpr,
 ):
     """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state."""
     lse, entropy = _finish_lse(m, s, t)
@@ -167,7 +179,8 @@ def _finish_rows(
     if HAS_TERMS:
         _terms_epilogue(
             logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-            lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+            lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
+            GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
         )
 
 
@@ -176,9 +189,10 @@ def _token_terms_kernel(
     logp_ptr, valid_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
     N,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr, HAS_TERMS: tl.constexpr, HAS_VALID: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
+    HAS_TERMS: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -189,7 +203,8 @@ def _token_terms_kernel(
     logp = tl.load(logp_ptr + rows, mask=active, other=0.0).to(tl.float32)
     _terms_epilogue(
         logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-        lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        IS_BOUND,
     )
 
 
@@ -199,6 +214,7 @@ class TermsArgs:
 
     lo, hi: the clip range of the ratio (clip gate); hi is the ratio cap of the truncated gate.
     kl: KL_NONE (no KL term), KL_K1, KL_K2 or KL_K3.
+    is_bound: IS_AS_GIVEN, IS_TRUNCATE (clip is_weight to [is_lo, is_hi]) or IS_MASK (zero it outside).
     """
 
     advantages: torch.Tensor
@@ -214,6 +230,9 @@ class TermsArgs:
     beta: float = 0.0
     kl: int = KL_NONE
     kl_ratio: bool = False
+    is_bound: int = IS_AS_GIVEN
+    is_lo: float = 0.0
+    is_hi: float = float("inf")
 
     def check(self, N: int, device) -> None:
         for name in ("advantages", "old_logp", "ref_logp", "is_weight"):
@@ -224,6 +243,8 @@ class TermsArgs:
                 raise ValueError(f"{name} must be contiguous float32 [{N}] on {device}, got {t.dtype} {t.shape}")
         if self.gate not in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED):
             raise ValueError(f"gate must be one of GATE_CLIP, GATE_SOFT, GATE_TRUNCATED, got {self.gate!r}")
+        if self.is_bound not in (IS_AS_GIVEN, IS_TRUNCATE, IS_MASK):
+            raise ValueError(f"is_bound must be one of IS_AS_GIVEN, IS_TRUNCATE, IS_MASK, got {self.is_bound!r}")
         if self.kl not in (KL_NONE, KL_K1, KL_K2, KL_K3):
             raise ValueError(f"kl must be one of KL_NONE, KL_K1, KL_K2, KL_K3, got {self.kl!r}")
         if self.kl != KL_NONE and self.ref_logp is None:
@@ -235,8 +256,9 @@ def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):
     if terms is None:
         kwargs = dict(
             adv_ptr=dummy, old_ptr=dummy, ref_ptr=dummy, isw_ptr=dummy, term_ptr=dummy, coef_ptr=dummy,
-            lo=0.0, hi=0.0, delta=0.0, tau_pos=1.0, tau_neg=1.0, beta=0.0,
-            GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False, HAS_TERMS=False,
+            lo=0.0, hi=0.0, delta=0.0, tau_pos=1.0, tau_neg=1.0, beta=0.0, is_lo=0.0, is_hi=0.0,
+            GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False, IS_BOUND=0,
+            HAS_TERMS=False,
         )
         return kwargs, None, None
     terms.check(N, dummy.device)
@@ -248,8 +270,10 @@ def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):
         isw_ptr=pick(terms.is_weight), term_ptr=term, coef_ptr=coef,
         lo=float(terms.lo), hi=float(terms.hi), delta=float(terms.delta or 0.0),
         tau_pos=float(terms.tau_pos), tau_neg=float(terms.tau_neg), beta=float(terms.beta),
+        is_lo=float(terms.is_lo), is_hi=float(terms.is_hi),
         GATE=terms.gate, HAS_OLD=terms.old_logp is not None, HAS_DELTA=terms.delta is not None,
-        HAS_ISW=terms.is_weight is not None, KL=terms.kl, KL_RATIO=bool(terms.kl_ratio), HAS_TERMS=True,
+        HAS_ISW=terms.is_weight is not None, KL=terms.kl, KL_RATIO=bool(terms.kl_ratio),
+        IS_BOUND=terms.is_bound if terms.is_weight is not None else IS_AS_GIVEN, HAS_TERMS=True,
     )
     return kwargs, term, coef
 

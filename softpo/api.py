@@ -235,10 +235,12 @@ def policy_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     q0: torch.Tensor | None = None,
     temperature: float = 1.0,
     normalizer: torch.Tensor | float | None = None,
+    entropy_gather=None,
     impl: str = "auto",
 ) -> PolicyLossOutput:
     """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
@@ -247,8 +249,10 @@ def policy_loss(
     hidden [B, T, H] with weight [V, H], or logits [B, T, V]; advantages [B] or [B, T] (policy
     objectives); old_logp, ref_logp, rollout_logp [B, T] (old_logp None means on-policy: old =
     logp detached; ref_logp needed when beta > 0 and for SPO; rollout_logp turns on the sampler
-    mismatch correction); rewards, q0 [B] (SPO); normalizer: the token count that "token-mean"
-    divides by (e.g. the global count across ranks and accumulation steps), default the local one.
+    mismatch correction); importance_sampling_ratio [B, T] or [B, 1]: that correction's ratio as the
+    caller already has it (TRL's batch does), used instead of one from rollout_logp; rewards, q0 [B] (SPO);
+    normalizer: the token count that "token-mean" divides by (e.g. the global count across ranks and
+    accumulation steps), default the local one; entropy_gather: see `objectives.high_entropy_mask`.
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
@@ -277,6 +281,13 @@ def policy_loss(
     ref_logp = _check_bt(checks, "ref_logp", ref_logp, (B, T), device, mask=mask, required=config.needs_ref,
                          dtype=dtype)
     rollout_logp = _check_bt(checks, "rollout_logp", rollout_logp, (B, T), device, mask=mask, dtype=dtype)
+    if importance_sampling_ratio is not None:
+        per_token = getattr(importance_sampling_ratio, "shape", (None, None))[-1] != 1 or T == 1
+        importance_sampling_ratio = _check_bt(
+            checks, "importance_sampling_ratio", importance_sampling_ratio, (B, T) if per_token else (B, 1), device,
+            mask=mask if per_token else None, dtype=dtype,
+        )
+        checks.add("importance_sampling_ratio must be >= 0", (importance_sampling_ratio < 0).any())
     if config.objective == "spo":
         rewards = _check_bt(checks, "rewards", rewards, (B,), device, required=True, dtype=dtype)
         q0 = _check_bt(checks, "q0", q0, (B,), device, required=True, dtype=dtype)
@@ -303,29 +314,37 @@ def policy_loss(
     need_entropy = config.needs_entropy
     fused = (
         path == "triton"
-        and config.objective == "policy"
-        and config.importance_sampling_level == "token"
+        and config.per_token_terms
         and (rollout_logp is None or old_logp is not None)
     )
     terms = surrogate = None
     if fused:
         adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
-        is_weight = None
-        if rollout_logp is not None:
-            is_weight = objectives.rollout_weights(config, old_logp, rollout_logp, mask).expand(B, T).reshape(-1)
+        # The epilogue bounds the sampler weight itself (objectives.bound_rollout_weights is its twin); a weight
+        # the caller supplies is used as given, under bounds that leave every weight >= 0 as it is.
+        is_weight, epilogue_config = importance_sampling_ratio, config
+        if is_weight is None and rollout_logp is not None:
+            is_weight = objectives.raw_rollout_weights(config, old_logp, rollout_logp, mask)
+        elif is_weight is not None:
+            epilogue_config = config.replace(
+                vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=None,
+                vllm_importance_sampling_clip_min=None,
+            )
+        if is_weight is not None:
+            is_weight = is_weight.expand(B, T).reshape(-1)
         per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(old_logp), ref_logp=_flat(ref_logp),
                          is_weight=is_weight)
         if hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             # The loss is linear in the terms and the entropy: its gradient is formed during the forward sweep.
             w_term, w_entropy = objectives.loss_weights(config, mask, normalizer, entropy=need_entropy)
             surrogate, terms, logp, entropy = _triton_ops().triton_fused_token_loss(
-                config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+                epilogue_config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
                 w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
                 temperature=temperature, return_entropy=need_entropy, **per_token,
             )
         else:
             terms, logp, entropy = _triton_ops().triton_fused_token_terms(
-                config, flat_targets, valid,
+                epilogue_config, flat_targets, valid,
                 hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
                 logits=None if logits is None else logits.reshape(-1, logits.shape[-1]),
                 temperature=temperature, return_entropy=need_entropy, **per_token,
@@ -339,6 +358,7 @@ def policy_loss(
         config, logp, mask, advantages,
         old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, rewards=rewards, q0=q0,
         entropy=entropy, normalizer=normalizer, terms=terms,
+        importance_sampling_ratio=importance_sampling_ratio, entropy_gather=entropy_gather,
     )
     if surrogate is not None:
         # The value is the objective's own; the gradient is the one the fused sweep formed.

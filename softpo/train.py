@@ -43,7 +43,7 @@ import torch.distributed as dist
 import softpo
 from softpo import tasks
 
-LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo")
+LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo", "luspo", "vespo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -379,10 +379,13 @@ def triton_token_logprobs(
 
 def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None) -> K.TermsArgs:
     """The kernel epilogue's arguments for a token-level policy objective."""
-    if config.objective != "policy" or config.importance_sampling_level != "token":
+    if not config.per_token_terms:
         raise ValueError(
-            "config must be a token-level policy objective (objective='policy', importance_sampling_level='token'), "
-            f"got objective={config.objective!r}, importance_sampling_level={config.importance_sampling_level!r}"
+            "config must be a token-level policy objective (objective='policy', importance_sampling_level='token', "
+            "gate not 'vespo', top_entropy_quantile=1, off_policy_mask_threshold=None), got "
+            f"objective={config.objective!r}, importance_sampling_level={config.importance_sampling_level!r}, "
+            f"gate={config.gate!r}, top_entropy_quantile={config.top_entropy_quantile}, "
+            f"off_policy_mask_threshold={config.off_policy_mask_threshold}"
         )
     if config.beta > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when config.beta > 0")
@@ -399,6 +402,10 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
         gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
+        # is_weight is the raw sampler ratio: the epilogue bounds it (objectives.bound_rollout_weights).
+        is_bound=K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
+        is_lo=config.vllm_importance_sampling_clip_min or 0.0,
+        is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
     )
 
 

@@ -39,6 +39,27 @@ CONFIGS = {
     "soft-k3-biascorr": softpo.SAPO.replace(beta=0.1, kl_estimator="k3", use_bias_correction_kl=True),
     "cispo-k1": softpo.CISPO.replace(beta=0.1, kl_estimator="k1"),
     "cispo-k3-biascorr": softpo.CISPO.replace(beta=0.1, kl_estimator="k3", use_bias_correction_kl=True),
+    # The sampler weight's bounds, every mode, with and without each side.
+    "clip-token_mask": softpo.GRPO.replace(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=2.0),
+    "clip-token_mask-min": softpo.GRPO.replace(
+        vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.5,
+        vllm_importance_sampling_cap=2.0, beta=0.1, use_bias_correction_kl=True,
+    ),
+    "soft-token_truncate-min-nocap": softpo.SAPO.replace(
+        vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_cap=None
+    ),
+    "cispo-token_mask-min-nocap": softpo.CISPO.replace(
+        vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.8,
+        vllm_importance_sampling_cap=None, beta=0.1, kl_estimator="k2",
+    ),
+    "clip-sequence_truncate-min": softpo.DAPO.replace(
+        vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_min=0.25,
+        vllm_importance_sampling_cap=1.5,
+    ),
+    "soft-sequence_mask-min": softpo.SAPO.replace(
+        vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.25,
+        vllm_importance_sampling_cap=1.5, beta=0.1,
+    ),
 }
 
 
@@ -56,7 +77,10 @@ def _grid():
     logp = -5 * torch.rand(lr.numel(), generator=g, dtype=torch.float64)
     # The KL's log-ratio log pi_ref - log pi over the same +-50.
     ref = logp + 100 * torch.rand(lr.numel(), generator=g, dtype=torch.float64) - 50
-    is_weight = 2 * torch.rand(lr.numel(), generator=g, dtype=torch.float64)
+    # Raw sampler weights (before the bounds of the mode) from e^-5 to e^5, on both sides of every bound
+    # above. Far larger ones would only scale up the float64 twin's own floor: its saturated sigmoid
+    # derivative is 0 where the true one is 1e-17.
+    is_weight = torch.exp(10 * torch.rand(lr.numel(), generator=g, dtype=torch.float64) - 5)
     to = lambda t: t.reshape(-1).float().to(DEVICE)  # noqa: E731
     return to(logp), to(logp - lr.reshape(-1)), to(adv), to(ref), to(is_weight)
 
