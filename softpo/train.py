@@ -169,9 +169,13 @@ def loss_config(args) -> softpo.LossConfig:
     overrides.setdefault("compute_entropy", True)
     overrides.setdefault("max_completion_length", args.max_new_tokens)
     try:
-        return softpo.preset(args.loss, **overrides)
+        config = softpo.preset(args.loss, **overrides)
     except (ValueError, TypeError) as error:
         raise ValueError(f"--loss/--set: {error}") from error
+    if config.use_adaptive_entropy:
+        # The controller's state would have to live in the loop and its checkpoints; it does not yet.
+        raise ValueError("--set use_adaptive_entropy: softpo train keeps entropy_coef constant (see softpo.AdaptiveEntropy)")
+    return config
 
 
 def build_model(args, tokenizer, device):
