@@ -137,6 +137,11 @@ class LossConfig:
         self._check_entropy_options()
         if self.off_policy_mask_threshold is not None:
             _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        if self.objective == "spo" and (self.top_entropy_quantile < 1 or self.off_policy_mask_threshold is not None):
+            raise ValueError(
+                "top_entropy_quantile and off_policy_mask_threshold act on the policy objective's per-token "
+                f"terms; the spo objective has none (got {self.top_entropy_quantile}, {self.off_policy_mask_threshold})"
+            )
         self._check_sampler_bounds()
         if self.max_completion_length is not None and (
             not isinstance(self.max_completion_length, int) or self.max_completion_length <= 0

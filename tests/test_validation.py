@@ -112,6 +112,9 @@ def test_config_rejects_crossed_sampler_bounds():
         softpo.GRPO.replace(entropy_coef_min=0.5, entropy_coef_max=0.1)
     with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
         softpo.VESPO.replace(vllm_importance_sampling_mode="sequence_mask")
+    for field, value in (("top_entropy_quantile", 0.5), ("off_policy_mask_threshold", 0.1)):
+        with pytest.raises(ValueError, match=field):
+            softpo.SPO.replace(**{field: value})
     # The mask modes take either side alone; clip_min alone bounds a truncate mode.
     softpo.GRPO.replace(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=None,
                         vllm_importance_sampling_clip_min=0.5)
