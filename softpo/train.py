@@ -174,7 +174,9 @@ def loss_config(args) -> softpo.LossConfig:
         raise ValueError(f"--loss/--set: {error}") from error
     if config.use_adaptive_entropy:
         # The controller's state would have to live in the loop and its checkpoints; it does not yet.
-        raise ValueError("--set use_adaptive_entropy: softpo train keeps entropy_coef constant (see softpo.AdaptiveEntropy)")
+        raise ValueError(
+            "--set use_adaptive_entropy: softpo train keeps entropy_coef constant (see softpo.AdaptiveEntropy)"
+        )
     return config
 
 

@@ -40,7 +40,9 @@ CONFIGS = {
     "cispo-k1": softpo.CISPO.replace(beta=0.1, kl_estimator="k1"),
     "cispo-k3-biascorr": softpo.CISPO.replace(beta=0.1, kl_estimator="k3", use_bias_correction_kl=True),
     # The sampler weight's bounds, every mode, with and without each side.
-    "clip-token_mask": softpo.GRPO.replace(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=2.0),
+    "clip-token_mask": softpo.GRPO.replace(
+        vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=2.0
+    ),
     "clip-token_mask-min": softpo.GRPO.replace(
         vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.5,
         vllm_importance_sampling_cap=2.0, beta=0.1, use_bias_correction_kl=True,

@@ -425,7 +425,9 @@ def test_sampler_correction_matches_trl(first_step, model_dir, tmp_path, mode, l
     trainer, gt_trainer = _sampler_pair(model_dir, tmp_path, mode, loss_type, clip_min, cap, extra)
     inputs = _sampler_correction(_perturbed(first_step["inputs"], trainer, seed=3), mode, cap, 4, clip_min)
     _compare(trainer, gt_trainer, inputs)
-    trainer, gt_trainer = _sampler_pair(model_dir, tmp_path / "64", mode, loss_type, clip_min, cap, extra, torch.float64)
+    trainer, gt_trainer = _sampler_pair(
+        model_dir, tmp_path / "64", mode, loss_type, clip_min, cap, extra, torch.float64
+    )
     # In float64 throughout: TRL's VESPO takes the log of the batch's ratio in the ratio's own dtype.
     ratio = inputs["importance_sampling_ratio"].double()
     _compare_float64(trainer, gt_trainer, dict(inputs, importance_sampling_ratio=ratio))
