@@ -301,7 +301,9 @@ class SoftpoGRPOMixin:
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_softpo_metrics(mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio)
+        self._log_softpo_metrics(
+            mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+        )
         return loss
 
     def _gather_entropies(self, local):
@@ -320,7 +322,9 @@ class SoftpoGRPOMixin:
             outputs.router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
         )
 
-    def _log_softpo_metrics(self, mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio):
+    def _log_softpo_metrics(
+        self, mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+    ):
         """TRL's loss metrics, under TRL's names and with TRL's cross-process reductions."""
         metrics = self._metrics[mode]
         sequence_level = self.importance_sampling_level == "sequence"
@@ -382,7 +386,7 @@ class SoftpoGRPOMixin:
         elif self.softpo_config.gate == "vespo":
             is_weight = None
             if self.use_vllm and self.vllm_importance_sampling_correction:
-                is_weight = objectives.bound_rollout_weights(self.softpo_config, importance_sampling_ratio.to(logp))
+                is_weight = importance_sampling_ratio.to(logp)
             phi = objectives.vespo_weights(self.softpo_config, logp, old, mask, advantages.to(logp), is_weight)
             metrics["vespo/phi_seq_mean"].append(global_mean(phi))
 
