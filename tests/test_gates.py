@@ -142,11 +142,14 @@ ISSUE_CASES = {
 
 @pytest.mark.parametrize("config", list(ISSUE_CASES.values()), ids=list(ISSUE_CASES))
 @pytest.mark.parametrize("shift", [25.0, 50.0, -50.0])
-def test_triton_path_matches_torch_path_at_large_log_ratios(config, shift):
-    # The whole public op, fused epilogue against the torch objective: loss and d loss / d logits.
-    B, T, V = 2, 3, 11
+@pytest.mark.parametrize("path", ["logits", "hidden"])  # hidden: the gradient formed in the forward
+def test_triton_path_matches_torch_path_at_large_log_ratios(config, shift, path):
+    # The whole public op, fused epilogue against the torch objective: loss and its input gradient.
+    B, T, H, V = 2, 3, 8, 11
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    z = hidden @ weight.T
     targets = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
@@ -154,11 +157,12 @@ def test_triton_path_matches_torch_path_at_large_log_ratios(config, shift):
     kwargs = dict(old_logp=logp - shift, ref_logp=logp + torch.linspace(-shift, shift, B * T).view(B, T).double())
 
     def run(dtype, impl):
-        logits = z.to(dtype).to(DEVICE).requires_grad_()
+        x = (z if path == "logits" else hidden).to(dtype).to(DEVICE).requires_grad_()
+        inputs = dict(logits=x) if path == "logits" else dict(hidden=x, weight=weight.to(dtype).to(DEVICE))
         cast = {k: v.to(DEVICE) for k, v in kwargs.items()}
         out = softpo.policy_loss(config, targets.to(DEVICE), mask.to(DEVICE), advantages.to(DEVICE),
-                                 logits=logits, impl=impl, **cast)
-        (grad,) = torch.autograd.grad(out.loss, logits)
+                                 impl=impl, **inputs, **cast)
+        (grad,) = torch.autograd.grad(out.loss, x)
         return out.loss.detach(), grad
 
     gt = run(torch.float64, "torch")
