@@ -256,6 +256,7 @@ NEW_CASES = [
     _case("vespo"),
     _case("vespo", vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=6.0),
     _case("vespo", beta=0.04, entropy_coef=0.05, use_bias_correction_kl=True),
+    _case("vespo", "sequence", beta=0.04, use_bias_correction_kl=True),  # TRL warns; the KL sees the GSPO ratio
     _case("grpo", top_entropy_quantile=0.2),
     _case("dapo", top_entropy_quantile=0.5, beta=0.04, entropy_coef=0.05),
     _case("vespo", top_entropy_quantile=0.0),  # only the highest-entropy token (and its ties) counts
