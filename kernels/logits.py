@@ -55,10 +55,10 @@ def _logits_fwd_kernel(
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
     N, V,
     stride_ln, stride_lv,
-    inv_temperature, lo, hi, delta, tau_pos, tau_neg, beta,
+    inv_temperature, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     HAS_ROW_IDX: tl.constexpr, STORE_ENTROPY: tl.constexpr,
     HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     start = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -76,8 +76,8 @@ def _logits_fwd_kernel(
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
     _finish_rows(
         m, s, t, z_target, rows, in_range, active, logp_ptr, lse_ptr, entropy_ptr,
-        adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr, lo, hi, delta, tau_pos, tau_neg, beta,
-        STORE_ENTROPY, HAS_TERMS, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
+        STORE_ENTROPY, HAS_TERMS, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
     )
 
 

@@ -17,19 +17,29 @@ from ._common import _finish_lse, interpreting
 
 GATE_CLIP, GATE_SOFT, GATE_TRUNCATED = 0, 1, 2
 KL_NONE, KL_K1, KL_K2, KL_K3 = 0, 1, 2, 3
+IS_AS_GIVEN, IS_TRUNCATE, IS_MASK = 0, 1, 2
+# softpo.objectives.LOG_RATIO_LIMIT: exponentials of log-ratios are taken at most at this exponent.
+LOG_RATIO_LIMIT: tl.constexpr = tl.constexpr(20.0)
 
 
 @triton.jit
-def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
-    """-min(u A, clamp(r, lo, hi) A), u = min(r, delta) with a dual clip, else r."""
+def _bounded_exp(x, limit):
+    """(exp(min(x, limit)), its derivative): like torch's clamp, the derivative is 0 beyond the limit."""
+    e = tl.exp(tl.minimum(x, limit))
+    return e, tl.where(x <= limit, e, 0.0)
+
+
+@triton.jit
+def _clip_gate(r, dr, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
+    """-min(u A, clamp(r, lo, hi) A), u = min(r, delta) with a dual clip, else r; dr = d r / d logp."""
     c = tl.minimum(tl.maximum(r, lo), hi)
-    dc = tl.where((r >= lo) & (r <= hi), r, 0.0)
+    dc = tl.where((r >= lo) & (r <= hi), dr, 0.0)
     if HAS_DELTA:
         u = tl.minimum(r, delta)
-        du = tl.where(r <= delta, r, 0.0)
+        du = tl.where(r <= delta, dr, 0.0)
     else:
         u = r
-        du = r
+        du = dr
     a = u * adv
     b = c * adv
     # Ties (torch.minimum splits their gradient evenly) need A = 0 or u = c inside the clip range,
@@ -38,13 +48,13 @@ def _clip_gate(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
 
 
 @triton.jit
-def _soft_gate(r, adv, tau_pos, tau_neg):
+def _soft_gate(r, dr, adv, tau_pos, tau_neg):
     """-sigmoid(tau (r - 1)) 4 / tau A, tau chosen by the sign of A."""
     tau = tl.where(adv > 0, tau_pos, tau_neg)
     x = tau * (r - 1.0)
     s = tl.sigmoid(x)
     # sigmoid(-x) rather than 1 - s, which loses all precision once the gate saturates.
-    return -s * (4.0 / tau) * adv, -4.0 * s * tl.sigmoid(-x) * r * adv
+    return -s * (4.0 / tau) * adv, -4.0 * s * tl.sigmoid(-x) * dr * adv
 
 
 @triton.jit
@@ -56,47 +66,66 @@ def _truncated_gate(r, adv, logp, floor, cap):
 
 @triton.jit
 def _kl_estimate(logp, ref, KL: tl.constexpr):
-    """Estimate of KL(pi || pi_ref) from log pi_ref - log pi (Schulman's k1, k2, k3)."""
+    """(value, d value / d logp, their sum) of an estimate of KL(pi || pi_ref) from d = log pi_ref - log pi
+    (Schulman's k1, k2, k3). The sum is formed without cancellation for the bias-corrected KL."""
     d = ref - logp
     if KL == 1:
         value = -d
         deriv = tl.full(d.shape, 1.0, tl.float32)
+        total = 1.0 - d
     elif KL == 2:
         value = d * d * 0.5
         deriv = -d
+        total = value - d
     else:
-        e = tl.exp(d)
-        value = e - d - 1.0
-        deriv = 1.0 - e
-    return value, deriv
+        e, de = _bounded_exp(d, LOG_RATIO_LIMIT)
+        # e - d - 1 loses every digit as d -> 0; there the series of exp(d) - 1 - d, exact to 4e-7.
+        series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (1.0 / 720)))))
+        value = tl.where(tl.abs(d) < 0.25, series, e - d - 1.0)
+        deriv = 1.0 - de
+        total = tl.where(d <= LOG_RATIO_LIMIT, -d, e - d)
+    return value, deriv, total
+
+
+@triton.jit
+def _bound_weight(w, is_lo, is_hi, IS_BOUND: tl.constexpr):
+    """The sampler-mismatch weight clipped to (IS_TRUNCATE) or zeroed outside (IS_MASK) [is_lo, is_hi]."""
+    if IS_BOUND == 1:
+        w = tl.minimum(tl.maximum(w, is_lo), is_hi)
+    elif IS_BOUND == 2:
+        w = tl.where((w < is_lo) | (w > is_hi), 0.0, w)
+    return w
 
 
 @triton.jit
 def _token_terms(
     logp, adv, old, ref, isw,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
 ):
     """(term, d term / d logp) of one token-level policy objective; absent inputs are ignored."""
     if HAS_OLD:
-        r = tl.exp(logp - old)
+        r, dr = _bounded_exp(logp - old, LOG_RATIO_LIMIT)
     else:
         # On-policy: the ratio is exactly 1 and its derivative wrt logp is r = 1.
         r = tl.full(logp.shape, 1.0, tl.float32)
+        dr = r
     if GATE == 0:
-        value, coef = _clip_gate(r, adv, lo, hi, delta, HAS_DELTA)
+        value, coef = _clip_gate(r, dr, adv, lo, hi, delta, HAS_DELTA)
     elif GATE == 1:
-        value, coef = _soft_gate(r, adv, tau_pos, tau_neg)
+        value, coef = _soft_gate(r, dr, adv, tau_pos, tau_neg)
     else:
         value, coef = _truncated_gate(r, adv, logp, lo, hi)
     if HAS_ISW:
+        isw = _bound_weight(isw, is_lo, is_hi, IS_BOUND)
         value = value * isw
         coef = coef * isw
     if KL != 0:
-        kl, dkl = _kl_estimate(logp, ref, KL)
+        kl, dkl, kl_plus_dkl = _kl_estimate(logp, ref, KL)
         if KL_RATIO:
-            dkl = (dkl + kl) * r
+            # d (kl r) = dkl r + kl dr, where dr is r below the ratio's cap and 0 above it.
+            dkl = r * tl.where(dr == r, kl_plus_dkl, dkl)
             kl = kl * r
         value = value + beta * kl
         coef = coef + beta * dkl
@@ -107,9 +136,9 @@ def _token_terms(
 def _terms_epilogue(
     logp, rows, in_range, active,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
 ):
     """Load a block's per-token inputs at `rows`, evaluate the terms, store term and coef (0 if masked)."""
     adv = tl.load(adv_ptr + rows, mask=active, other=0.0).to(tl.float32)
@@ -123,8 +152,8 @@ def _terms_epilogue(
     if HAS_ISW:
         isw = tl.load(isw_ptr + rows, mask=active, other=0.0).to(tl.float32)
     value, coef = _token_terms(
-        logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta,
-        GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
+        GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
     )
     tl.store(term_ptr + rows, tl.where(active, value, 0.0), mask=in_range)
     tl.store(coef_ptr + rows, tl.where(active, coef, 0.0), mask=in_range)
@@ -135,9 +164,10 @@ def _finish_rows(
     m, s, t, z_target, rows, in_range, active,
     logp_ptr, lse_ptr, entropy_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     STORE_ENTROPY: tl.constexpr, HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    IS_BOUND: tl.constexpr,
 ):
     """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state."""
     lse, entropy = _finish_lse(m, s, t)
@@ -149,7 +179,8 @@ def _finish_rows(
     if HAS_TERMS:
         _terms_epilogue(
             logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-            lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+            lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
+            GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
         )
 
 
@@ -158,9 +189,10 @@ def _token_terms_kernel(
     logp_ptr, valid_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
     N,
-    lo, hi, delta, tau_pos, tau_neg, beta,
+    lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
-    KL: tl.constexpr, KL_RATIO: tl.constexpr, HAS_TERMS: tl.constexpr, HAS_VALID: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
+    HAS_TERMS: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -171,7 +203,8 @@ def _token_terms_kernel(
     logp = tl.load(logp_ptr + rows, mask=active, other=0.0).to(tl.float32)
     _terms_epilogue(
         logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
-        lo, hi, delta, tau_pos, tau_neg, beta, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO,
+        IS_BOUND,
     )
 
 
@@ -181,6 +214,7 @@ class TermsArgs:
 
     lo, hi: the clip range of the ratio (clip gate); the floor and cap of the truncated gate.
     kl: KL_NONE (no KL term), KL_K1, KL_K2 or KL_K3.
+    is_bound: IS_AS_GIVEN, IS_TRUNCATE (clip is_weight to [is_lo, is_hi]) or IS_MASK (zero it outside).
     """
 
     advantages: torch.Tensor
@@ -196,6 +230,9 @@ class TermsArgs:
     beta: float = 0.0
     kl: int = KL_NONE
     kl_ratio: bool = False
+    is_bound: int = IS_AS_GIVEN
+    is_lo: float = 0.0
+    is_hi: float = float("inf")
 
     def check(self, N: int, device) -> None:
         for name in ("advantages", "old_logp", "ref_logp", "is_weight"):
@@ -206,6 +243,8 @@ class TermsArgs:
                 raise ValueError(f"{name} must be contiguous float32 [{N}] on {device}, got {t.dtype} {t.shape}")
         if self.gate not in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED):
             raise ValueError(f"gate must be one of GATE_CLIP, GATE_SOFT, GATE_TRUNCATED, got {self.gate!r}")
+        if self.is_bound not in (IS_AS_GIVEN, IS_TRUNCATE, IS_MASK):
+            raise ValueError(f"is_bound must be one of IS_AS_GIVEN, IS_TRUNCATE, IS_MASK, got {self.is_bound!r}")
         if self.kl not in (KL_NONE, KL_K1, KL_K2, KL_K3):
             raise ValueError(f"kl must be one of KL_NONE, KL_K1, KL_K2, KL_K3, got {self.kl!r}")
         if self.kl != KL_NONE and self.ref_logp is None:
@@ -217,8 +256,9 @@ def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):
     if terms is None:
         kwargs = dict(
             adv_ptr=dummy, old_ptr=dummy, ref_ptr=dummy, isw_ptr=dummy, term_ptr=dummy, coef_ptr=dummy,
-            lo=0.0, hi=0.0, delta=0.0, tau_pos=1.0, tau_neg=1.0, beta=0.0,
-            GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False, HAS_TERMS=False,
+            lo=0.0, hi=0.0, delta=0.0, tau_pos=1.0, tau_neg=1.0, beta=0.0, is_lo=0.0, is_hi=0.0,
+            GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False, IS_BOUND=0,
+            HAS_TERMS=False,
         )
         return kwargs, None, None
     terms.check(N, dummy.device)
@@ -230,8 +270,10 @@ def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):
         isw_ptr=pick(terms.is_weight), term_ptr=term, coef_ptr=coef,
         lo=float(terms.lo), hi=float(terms.hi), delta=float(terms.delta or 0.0),
         tau_pos=float(terms.tau_pos), tau_neg=float(terms.tau_neg), beta=float(terms.beta),
+        is_lo=float(terms.is_lo), is_hi=float(terms.is_hi),
         GATE=terms.gate, HAS_OLD=terms.old_logp is not None, HAS_DELTA=terms.delta is not None,
-        HAS_ISW=terms.is_weight is not None, KL=terms.kl, KL_RATIO=bool(terms.kl_ratio), HAS_TERMS=True,
+        HAS_ISW=terms.is_weight is not None, KL=terms.kl, KL_RATIO=bool(terms.kl_ratio),
+        IS_BOUND=terms.is_bound if terms.is_weight is not None else IS_AS_GIVEN, HAS_TERMS=True,
     )
     return kwargs, term, coef
 

@@ -321,6 +321,7 @@ class _LossInputs:
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor | None
     rollout_logp: torch.Tensor | None
+    importance_sampling_ratio: torch.Tensor | None
     rewards: torch.Tensor | None
     q0: torch.Tensor | None
     temperature: float
@@ -330,7 +331,8 @@ class _LossInputs:
 
 
 def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
-                          rollout_logp, rewards, q0, temperature, normalizer, impl, memory, check_targets) -> _LossInputs:
+                          rollout_logp, importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
+                          check_targets) -> _LossInputs:
     """Every check of policy_loss's inputs; value checks are read back in one host sync."""
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be a LossConfig (e.g. softpo.SAPO), got {type(config).__name__}")
@@ -359,6 +361,13 @@ def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, log
     ref_logp = _check_bt(checks, "ref_logp", ref_logp, (B, T), device, mask=mask, required=config.needs_ref,
                          dtype=dtype)
     rollout_logp = _check_bt(checks, "rollout_logp", rollout_logp, (B, T), device, mask=mask, dtype=dtype)
+    if importance_sampling_ratio is not None:
+        per_token = getattr(importance_sampling_ratio, "shape", (None, None))[-1] != 1 or T == 1
+        importance_sampling_ratio = _check_bt(
+            checks, "importance_sampling_ratio", importance_sampling_ratio, (B, T) if per_token else (B, 1), device,
+            mask=mask if per_token else None, dtype=dtype,
+        )
+        checks.add("importance_sampling_ratio must be >= 0", (importance_sampling_ratio < 0).any())
     if config.objective == "spo":
         rewards = _check_bt(checks, "rewards", rewards, (B,), device, required=True, dtype=dtype)
         q0 = _check_bt(checks, "q0", q0, (B,), device, required=True, dtype=dtype)
@@ -379,8 +388,8 @@ def _validate_loss_inputs(config, targets, mask, advantages, hidden, weight, log
                    ~(torch.isfinite(value) & (value > 0)).to(device))
     # The same sync tells whether any token is masked: with none, the sweep needs no row order.
     (every_token_valid,) = checks.run(mask.all())
-    return _LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, rewards, q0, temperature, path,
-                       every_token_valid, flat_memory)
+    return _LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, importance_sampling_ratio, rewards, q0,
+                       temperature, path, every_token_valid, flat_memory)
 
 
 def policy_loss(
@@ -395,10 +404,12 @@ def policy_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     q0: torch.Tensor | None = None,
     temperature: float = 1.0,
     normalizer: torch.Tensor | float | None = None,
+    entropy_gather=None,
     impl: str = "auto",
     process_group=None,
     vocab_start: int | None = None,
@@ -411,8 +422,11 @@ def policy_loss(
     hidden [B, T, H] with weight [V, H], or logits [B, T, V]; advantages [B] or [B, T] (policy
     objectives); old_logp, ref_logp, rollout_logp [B, T] (old_logp None means on-policy: old =
     logp detached; ref_logp needed when beta > 0 and for SPO; rollout_logp turns on the sampler
-    mismatch correction); rewards, q0 [B] (SPO); normalizer: the token count that "token-mean"
-    divides by (e.g. the global count across ranks and accumulation steps), default the local one.
+    mismatch correction); importance_sampling_ratio [B, T] or [B, 1]: that correction's weight as the
+    caller already has it (TRL's batch does), used as given instead of one from rollout_logp; rewards, q0 [B]
+    (SPO); normalizer: the count the loss's sums are divided by ("token-mean": tokens, the "seq-mean-*"
+    modes: sequences; e.g. the global count across ranks and accumulation steps), default the local one;
+    entropy_gather: see `objectives.high_entropy_mask`.
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
     memory: "default" or "flat", as in `token_logprobs` (flat: no gradient formed in the forward either,
@@ -423,7 +437,8 @@ def policy_loss(
     inputs, shard = _decide(
         lambda: _validate_loss_inputs(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
-            rewards, q0, temperature, normalizer, impl, memory, check_targets=process_group is None,
+            importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
+            check_targets=process_group is None,
         ),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
@@ -447,6 +462,7 @@ def policy_loss(
         config, logp, mask, inputs.advantages,
         old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
         rewards=inputs.rewards, q0=inputs.q0, entropy=entropy, normalizer=normalizer, terms=terms,
+        importance_sampling_ratio=inputs.importance_sampling_ratio, entropy_gather=entropy_gather,
     )
     if surrogate is not None:
         # The value is the objective's own; the gradient is the one the fused sweep formed.
@@ -472,8 +488,7 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
         inputs.path == "triton"
         and not torch.compiler.is_compiling()
         and shard is None
-        and config.objective == "policy"
-        and config.importance_sampling_level == "token"
+        and config.per_token_terms
         and (inputs.rollout_logp is None or inputs.old_logp is not None)
     )
     if not fusable:
@@ -487,9 +502,17 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
     B, T = inputs.mask.shape
     advantages = inputs.advantages
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
-    is_weight = None
-    if inputs.rollout_logp is not None:
-        is_weight = objectives.rollout_weights(config, inputs.old_logp, inputs.rollout_logp, inputs.mask)
+    # The epilogue bounds the sampler weight itself (objectives.bound_rollout_weights is its twin); a weight
+    # the caller supplies is used as given, under bounds that leave every weight >= 0 as it is.
+    is_weight = inputs.importance_sampling_ratio
+    if is_weight is None and inputs.rollout_logp is not None:
+        is_weight = objectives.raw_rollout_weights(config, inputs.old_logp, inputs.rollout_logp, inputs.mask)
+    elif is_weight is not None:
+        config = config.replace(
+            vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=None,
+            vllm_importance_sampling_clip_min=None,
+        )
+    if is_weight is not None:
         is_weight = is_weight.expand(B, T).reshape(-1)
     per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(inputs.old_logp), ref_logp=_flat(inputs.ref_logp),
                      is_weight=is_weight)

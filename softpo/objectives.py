@@ -10,6 +10,8 @@ Notation: logp = log pi(y_t), old = log pi_old(y_t), r = exp(logp - old), A = ad
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LossConfig
@@ -51,9 +53,13 @@ def log_importance_ratio(
 
 
 def gate_terms(
-    config: LossConfig, ratio: torch.Tensor, advantages: torch.Tensor, logp: torch.Tensor
+    config: LossConfig, ratio: torch.Tensor, advantages: torch.Tensor, logp: torch.Tensor,
+    vespo_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token policy term (to be minimized) of the config's gate."""
+    if config.gate == "vespo":
+        # REINFORCE on logp, weighted by the detached Gamma weight of the sequence (`vespo_weights`).
+        return -vespo_weight * advantages * logp
     if config.gate == "clip":
         clipped = ratio.clamp(1 - config.epsilon, 1 + config.epsilon_upper)
         unclipped = ratio if config.delta is None else ratio.clamp(max=config.delta)
@@ -79,9 +85,12 @@ def kl_terms(config: LossConfig, logp: torch.Tensor, ref_logp: torch.Tensor) -> 
     return bounded_exp(log_ref_ratio) - log_ref_ratio - 1
 
 
-def _policy_terms(config, logp, ratio, advantages, ref_logp, is_weight):
-    terms = gate_terms(config, ratio, advantages, logp)
-    if is_weight is not None:
+def _policy_terms(config, logp, ratio, advantages, ref_logp, is_weight, keep=None, vespo_weight=None):
+    terms = gate_terms(config, ratio, advantages, logp, vespo_weight)
+    if keep is not None:
+        terms = torch.where(keep, terms, torch.zeros_like(terms))
+    # VESPO folds the sampler weight into its own sequence weight instead.
+    if is_weight is not None and config.gate != "vespo":
         terms = terms * is_weight
     if config.beta > 0:
         kl = kl_terms(config, logp, ref_logp)
@@ -104,24 +113,102 @@ def token_terms(
 
     All tensors share one shape ([N] or [B, T]). This is the torch twin of the Triton epilogue:
     its value and its autograd gradient with respect to `logp` are what the kernel must produce.
+    is_weight is the sampler-mismatch ratio before the config's bounds, which apply here.
     """
     old = logp.detach() if old_logp is None else old_logp
     ratio = bounded_exp(logp - old)
+    if is_weight is not None:
+        is_weight = bound_rollout_weights(config, is_weight)
     return _policy_terms(config, logp, ratio, advantages, ref_logp, is_weight)
+
+
+def raw_rollout_weights(
+    config: LossConfig, old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The sampler/trainer importance ratio pi_old / pi_sampler before its bounds, [B, T] or [B, 1], detached."""
+    log_w = torch.where(mask, old_logp - rollout_logp, torch.zeros_like(old_logp)).detach()
+    if config.vllm_importance_sampling_mode.startswith("sequence"):
+        log_w = log_w.sum(-1, keepdim=True)
+    return bounded_exp(log_w)
+
+
+def bound_rollout_weights(config: LossConfig, w: torch.Tensor) -> torch.Tensor:
+    """The sampler-mismatch weight: w clipped to (truncate modes) or zeroed outside (mask modes)
+    [vllm_importance_sampling_clip_min, vllm_importance_sampling_cap]. Bounding twice changes nothing.
+    Torch twin of the kernel epilogue's bound, which applies it per token."""
+    low, high = config.vllm_importance_sampling_clip_min, config.vllm_importance_sampling_cap
+    if config.vllm_importance_sampling_mode.endswith("truncate"):
+        return w.clamp(min=low, max=high)
+    outside = torch.zeros_like(w, dtype=torch.bool)
+    if low is not None:
+        outside = outside | (w < low)
+    if high is not None:
+        outside = outside | (w > high)
+    return w.masked_fill(outside, 0.0)
 
 
 def rollout_weights(
     config: LossConfig, old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Detached importance weight correcting for the sampler/trainer mismatch, [B, T] or [B, 1]."""
-    log_w = torch.where(mask, old_logp - rollout_logp, torch.zeros_like(old_logp)).detach()
-    if config.vllm_importance_sampling_mode.startswith("sequence"):
-        log_w = log_w.sum(-1, keepdim=True)
-    w = bounded_exp(log_w)
-    cap = config.vllm_importance_sampling_cap
-    if config.vllm_importance_sampling_mode.endswith("truncate"):
-        return w.clamp(max=cap)
-    return w.masked_fill(w > cap, 0.0)
+    return bound_rollout_weights(config, raw_rollout_weights(config, old_logp, rollout_logp, mask))
+
+
+# VESPO's sequence weight is taken in log space between log(1e-8) and LOG_RATIO_LIMIT, as TRL does.
+VESPO_LOG_WEIGHT_MIN = math.log(1e-8)
+
+
+@torch.no_grad()
+def vespo_weights(
+    config: LossConfig, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+    advantages: torch.Tensor, is_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """VESPO's detached weight phi(w) = exp(lambda + k log w - lambda w) (phi(1) = 1), one per sequence.
+
+    w = prod_t r_t (times the sampler weights prod_t is_weight_t), the un-normalized sequence ratio;
+    (k, lambda) are the config's `vespo_k_pos, vespo_lambda_pos` for advantages >= 0, else the _neg pair.
+    advantages [B, 1] or [B, T] gives phi of that shape. Masked tokens contribute nothing.
+    """
+    zero = torch.zeros_like(logp)
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    log_w = torch.where(mask, log_ratio, zero).sum(-1, keepdim=True)
+    if is_weight is not None:
+        log_is = torch.log(is_weight).clamp(VESPO_LOG_WEIGHT_MIN, LOG_RATIO_LIMIT)
+        log_w = log_w + torch.where(mask, log_is, zero).sum(-1, keepdim=True)
+    log_w = log_w.clamp(VESPO_LOG_WEIGHT_MIN, LOG_RATIO_LIMIT)
+    nonnegative = advantages >= 0
+    k = torch.where(nonnegative, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(nonnegative, config.vespo_lambda_pos, config.vespo_lambda_neg).to(log_w.dtype)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_keep(
+    config: LossConfig, logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (Eq. 9): False for sequences with a negative advantage whose
+    mean log pi_sampler - log pi over their tokens exceeds `off_policy_mask_threshold`. [B, 1] (or [B, T]
+    for per-token advantages), detached."""
+    kl = torch.where(mask, sampler_logp - logp.detach(), torch.zeros_like(logp)).detach()
+    mean_kl = kl.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return (advantages >= 0) | (mean_kl <= config.off_policy_mask_threshold)
+
+
+def high_entropy_mask(
+    config: LossConfig, entropy: torch.Tensor, mask: torch.Tensor, gather=None
+) -> torch.Tensor:
+    """The tokens whose entropy is at or above the (1 - top_entropy_quantile) quantile of the batch's, [B, T] bool.
+
+    gather: optional function from this process's 1-D tensor of entropies to every process's, concatenated
+    (the quantile is then the global batch's, as TRL takes it). A batch without tokens keeps none.
+    """
+    local = entropy.detach()[mask]
+    values = local if gather is None else gather(local)
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    # TRL takes the quantile in float32; so does its spec here, so that ties fall the same way.
+    threshold = torch.quantile(values.float(), 1 - config.top_entropy_quantile)
+    return (entropy.detach() >= threshold) & mask
 
 
 def aggregate(
@@ -236,40 +323,61 @@ def policy_objective(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     q0: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     terms: torch.Tensor | None = None,
-    is_weight: torch.Tensor | None = None,
+    entropy_gather=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss and metrics of `config` from per-token log-probs.
 
     logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
+    importance_sampling_ratio [B, T] or [B, 1]: the sampler-mismatch weight as given (TRL's batch, verl's
+    rollout_is_weights; already bounded), used instead of one from rollout_logp.
     `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
     and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
-    `is_weight` [B, T]: a sampler-mismatch weight computed by the caller (e.g. verl's
-    rollout_is_weights), used as is instead of one derived from `rollout_logp`.
+    entropy_gather: see `high_entropy_mask` (top_entropy_quantile < 1 across processes).
     """
     metrics: dict[str, torch.Tensor] = {}
+    # The tokens the policy term and the entropy bonus act on (top_entropy_quantile < 1 narrows them).
+    policy_mask = mask
     if config.objective == "spo":
         loss, q = spo_loss(config, logp, mask, ref_logp, rewards, q0)
         metrics["q_mean"] = q.detach().mean() if q.numel() else q.detach().sum()
         metrics["kl"] = _masked_mean(kl_terms(config, logp.detach(), ref_logp), mask)
         metrics["policy_loss"] = loss.detach()
     else:
-        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-        adv = adv.expand_as(logp)
+        adv_given = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        adv = adv_given.expand_as(logp)
+        old = logp.detach() if old_logp is None else old_logp
         log_ratio = log_importance_ratio(config, logp, old_logp, mask)
         ratio = bounded_exp(log_ratio)
-        if is_weight is not None:
-            is_weight = is_weight.detach()
+        is_weight = None
+        if importance_sampling_ratio is not None:
+            is_weight = importance_sampling_ratio.detach()
         elif rollout_logp is not None:
-            old = logp.detach() if old_logp is None else old_logp
             is_weight = rollout_weights(config, old, rollout_logp, mask)
+        if is_weight is not None:
             metrics["is_weight_mean"] = _masked_mean(is_weight.expand_as(logp), mask)
+        keep = None
+        if config.off_policy_mask_threshold is not None:
+            sampler = old if rollout_logp is None else rollout_logp
+            keep = off_policy_keep(config, logp, sampler, mask, adv_given).expand_as(logp)
+            metrics["off_policy_kept"] = _masked_mean(keep.to(logp.dtype), mask)
+        if config.top_entropy_quantile < 1:
+            high = high_entropy_mask(config, entropy, mask, entropy_gather)
+            keep = high if keep is None else keep & high
+            policy_mask = mask & high
+        vespo_weight = None
+        if config.gate == "vespo":
+            vespo_weight = vespo_weights(config, logp, old, mask, adv_given, is_weight)
+            metrics["vespo_weight_mean"] = (
+                vespo_weight.mean() if vespo_weight.shape[-1] == 1 else _masked_mean(vespo_weight, mask)
+            )
         if terms is None:
-            terms = _policy_terms(config, logp, ratio, adv, ref_logp, is_weight)
+            terms = _policy_terms(config, logp, ratio, adv, ref_logp, is_weight, keep, vespo_weight)
         loss = aggregate(config, terms, mask, normalizer)
         metrics["policy_loss"] = loss.detach()
         _ratio_metrics(config, metrics, ratio.detach(), adv, mask, logp.detach(), old_logp)
@@ -279,7 +387,11 @@ def policy_objective(
         mean_entropy = _masked_mean(entropy, mask)
         metrics["entropy"] = mean_entropy.detach()
         if config.entropy_coef != 0:
-            loss = loss - entropy_bonus(config, entropy, mask)
+            loss = loss - entropy_bonus(config, entropy, policy_mask)
+        if config.use_adaptive_entropy:
+            # What `AdaptiveEntropy.observe` accumulates: the entropy over the tokens the bonus acts on.
+            metrics["controlled_entropy_sum"] = _masked_sum(entropy.detach(), policy_mask)
+            metrics["controlled_entropy_tokens"] = policy_mask.sum().to(entropy.dtype)
     metrics["loss"] = loss.detach()
     return loss, metrics
 
@@ -301,7 +413,7 @@ def _ratio_metrics(config, metrics, ratio, adv, mask, logp, old_logp):
     elif config.gate == "cispo":
         capped = (ratio > config.epsilon_upper) & (adv > 0)
         metrics["clip_fraction"] = _masked_mean(capped.to(ratio.dtype), mask)
-    else:
+    elif config.gate == "soft":
         # d/dr of sigmoid(tau (r - 1)) * 4 / tau: the weight SAPO's gate puts on each token's gradient.
         tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(ratio.dtype)
         s = torch.sigmoid(tau * (ratio - 1))

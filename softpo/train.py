@@ -43,7 +43,7 @@ import torch.distributed as dist
 import softpo
 from softpo import tasks
 
-LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo")
+LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo", "luspo", "vespo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,9 +169,15 @@ def loss_config(args) -> softpo.LossConfig:
     overrides.setdefault("compute_entropy", True)
     overrides.setdefault("max_completion_length", args.max_new_tokens)
     try:
-        return softpo.preset(args.loss, **overrides)
+        config = softpo.preset(args.loss, **overrides)
     except (ValueError, TypeError) as error:
         raise ValueError(f"--loss/--set: {error}") from error
+    if config.use_adaptive_entropy:
+        # The controller's state would have to live in the loop and its checkpoints; it does not yet.
+        raise ValueError(
+            "--set use_adaptive_entropy: softpo train keeps entropy_coef constant (see softpo.AdaptiveEntropy)"
+        )
+    return config
 
 
 def build_model(args, tokenizer, device):

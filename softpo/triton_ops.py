@@ -510,7 +510,7 @@ def triton_token_logprobs(
 
 def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None) -> K.TermsArgs:
     """The kernel epilogue's arguments for a token-level policy objective."""
-    assert config.objective == "policy" and config.importance_sampling_level == "token", config.name
+    assert config.per_token_terms, config.name
     assert config.beta == 0 or ref_logp is not None, "beta > 0 needs ref_logp"
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
     gate = {"clip": K.GATE_CLIP, "soft": K.GATE_SOFT, "cispo": K.GATE_TRUNCATED}[config.gate]
@@ -525,6 +525,10 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
         gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
+        # is_weight is the raw sampler ratio: the epilogue bounds it (objectives.bound_rollout_weights).
+        is_bound=K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
+        is_lo=config.vllm_importance_sampling_clip_min or 0.0,
+        is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
     )
 
 

@@ -31,10 +31,13 @@ def reference_policy_loss(config, targets, mask, advantages=None, *, hidden=None
     return loss
 
 
-def assert_close_to_gt(out, ref, gt, dtype, what=""):
-    """ours (out) is never worse than plain torch in the same dtype (ref), against float64 (gt)."""
+def assert_close_to_gt(out, ref, gt, dtype, what="", scale=None):
+    """ours (out) is never worse than plain torch in the same dtype (ref), against float64 (gt).
+
+    scale: the magnitude the dtype's tolerance is relative to, where it is not |gt| (a sum of parts).
+    """
     out, ref, gt = out.double(), ref.double(), gt.double()
-    tol = TOLERANCE[dtype] * (1 + gt.abs())
+    tol = TOLERANCE[dtype] * (1 + (gt.abs() if scale is None else scale.double()))
     err_out = (out - gt).abs()
     bound = (ref - gt).abs() + tol
     worst = (err_out - bound).max() if err_out.numel() else torch.tensor(-1.0)
@@ -72,12 +75,27 @@ def all_configs():
         "drgrpo-maxlen": softpo.DR_GRPO.replace(max_completion_length=9),
         "spo-bce": softpo.SPO.replace(spo_loss="bce"),
         "spo-entropy": softpo.SPO.replace(entropy_coef=0.01),
+        "luspo-kl-entropy": softpo.LUSPO.replace(beta=0.04, entropy_coef=0.01),
+        "vespo-kl-asym": softpo.VESPO.replace(beta=0.04, vespo_k_pos=1.5, vespo_lambda_neg=4.0),
+        "dapo-top-entropy": softpo.DAPO.replace(top_entropy_quantile=0.4, entropy_coef=0.01),
+        "grpo-off-policy": grpo.replace(off_policy_mask_threshold=0.02),
+        "gspo-top-entropy-off-policy": softpo.GSPO.replace(top_entropy_quantile=0.7, off_policy_mask_threshold=0.0),
     }
     cases += [pytest.param(config, False, id=name) for name, config in options.items()]
     for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
         config = softpo.SAPO.replace(vllm_importance_sampling_mode=mode, vllm_importance_sampling_cap=1.2)
         cases.append(pytest.param(config, True, id=f"sapo-{mode}"))
     cases.append(pytest.param(grpo.replace(vllm_importance_sampling_mode="token_mask"), True, id="grpo-token_mask"))
+    bounds = dict(vllm_importance_sampling_clip_min=0.9, vllm_importance_sampling_cap=None)
+    cases.append(pytest.param(softpo.DAPO.replace(**bounds), True, id="dapo-token_truncate-clip_min"))
+    cases.append(pytest.param(
+        grpo.replace(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.7), True,
+        id="grpo-sequence_mask-clip_min",
+    ))
+    cases.append(pytest.param(
+        softpo.VESPO.replace(vllm_importance_sampling_mode="token_mask", **bounds), True, id="vespo-token_mask-clip_min"
+    ))
+    cases.append(pytest.param(grpo.replace(off_policy_mask_threshold=0.02), True, id="grpo-off-policy-sampler"))
     return cases
 
 

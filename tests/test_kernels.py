@@ -582,11 +582,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
         # A config over the per-block shared memory of sm_90 compiles but fails at launch.
         assert compiled.metadata.shared <= SM90_MAX_SHARED, (fn.__name__, config, compiled.metadata.shared)
 
-    no_terms = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False)
+    no_terms = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False,
+                    IS_BOUND=0)
     all_terms = [
-        dict(HAS_TERMS=True, GATE=0, HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, KL=3, KL_RATIO=True),
-        dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=2, KL_RATIO=False),
-        dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True),
+        dict(HAS_TERMS=True, GATE=0, HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, KL=3, KL_RATIO=True, IS_BOUND=2),
+        dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=True, KL=2, KL_RATIO=False, IS_BOUND=1),
+        dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True, IS_BOUND=0),
     ]
     fwd_config, bwd_config = logits._FWD_CONFIGS[1][1], logits._BWD_CONFIGS[1][1]
     compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms)

@@ -185,7 +185,9 @@ def test_loss_overrides_reach_the_config(tmp_path):
     (["--reward", "nowhere"], "module:function"),
     (["--steps", "ten"], "invalid int value"),
     (["--resume", "/no/such/run"], "config.json not found"),
-], ids=["unknown-preset", "missing-dir", "zero-group", "unknown-field", "bad-reward", "not-an-int", "missing-run"])
+    (["--set", "use_adaptive_entropy=true"], "use_adaptive_entropy"),
+], ids=["unknown-preset", "missing-dir", "zero-group", "unknown-field", "bad-reward", "not-an-int", "missing-run",
+        "adaptive-entropy"])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
     assert train.main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

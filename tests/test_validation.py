@@ -89,13 +89,43 @@ def test_missing_or_bad_objective_inputs(config, changes, name):
 @pytest.mark.parametrize(
     "field,value",
     [("epsilon", -0.1), ("epsilon", math.nan), ("epsilon_high", math.inf), ("sapo_temperature_pos", 0.0),
-     ("sapo_temperature_neg", -1.0), ("beta", -0.1), ("beta", math.nan), ("delta", 1.1), ("gate", "hard"),
+     ("sapo_temperature_neg", -1.0), ("beta", -0.1), ("beta", math.nan), ("delta", math.inf), ("gate", "hard"),
      ("loss_aggregation", "mean"), ("vllm_importance_sampling_cap", 0.0), ("importance_sampling_level", "seq"),
-     ("entropy_coef", math.inf), ("max_completion_length", 0), ("kl_estimator", "k4")],
+     ("entropy_coef", math.inf), ("max_completion_length", 0), ("kl_estimator", "k4"),
+     ("top_entropy_quantile", -0.1), ("top_entropy_quantile", 1.5), ("top_entropy_quantile", math.nan),
+     ("vespo_k_pos", 0.0), ("vespo_lambda_pos", -1.0), ("vespo_k_neg", -2.0), ("vespo_lambda_neg", 0.0),
+     ("vespo_k_pos", math.inf), ("off_policy_mask_threshold", math.nan), ("vllm_importance_sampling_clip_min", -0.5),
+     ("entropy_coef_delta", -0.1), ("entropy_target", math.nan)],
 )
 def test_config_rejects_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):
         softpo.GRPO.replace(**{field: value})
+
+
+def test_config_rejects_crossed_sampler_bounds():
+    for low, high in ((2.0, 1.5), (1.5, 1.5)):
+        with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
+            softpo.GRPO.replace(vllm_importance_sampling_clip_min=low, vllm_importance_sampling_cap=high)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_cap"):
+        softpo.GRPO.replace(vllm_importance_sampling_cap=None)  # truncate mode with no bound at all
+    with pytest.raises(ValueError, match="entropy_coef_min"):
+        softpo.GRPO.replace(entropy_coef_min=0.5, entropy_coef_max=0.1)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        softpo.VESPO.replace(vllm_importance_sampling_mode="sequence_mask")
+    for field, value in (("top_entropy_quantile", 0.5), ("off_policy_mask_threshold", 0.1)):
+        with pytest.raises(ValueError, match=field):
+            softpo.SPO.replace(**{field: value})
+    # The mask modes take either side alone; clip_min alone bounds a truncate mode.
+    softpo.GRPO.replace(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=None,
+                        vllm_importance_sampling_clip_min=0.5)
+    softpo.GRPO.replace(vllm_importance_sampling_cap=None, vllm_importance_sampling_clip_min=0.5)
+
+
+def test_small_delta_warns_as_trl_accepts_it():
+    # TRL only recommends delta > 1 + epsilon_high; softpo takes the same values, with a warning.
+    with pytest.warns(UserWarning, match="delta"):
+        config = softpo.GRPO.replace(delta=1.1)
+    assert config.delta == 1.1
 
 
 def test_spo_needs_positive_beta_and_cispo_positive_cap():

@@ -25,6 +25,8 @@ from accelerate.utils import is_peft_model
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
+from .. import objectives
+from ..adaptive import AdaptiveEntropy
 from ..api import policy_loss
 from ..config import LossConfig, preset
 from .zero3 import head_loss
@@ -40,9 +42,12 @@ LOSS_TYPES = {
     "dapo": ("clip", "token-mean"),
     "cispo": ("cispo", "token-mean"),
     "sapo": ("soft", "seq-mean-token-mean"),
+    # LUSPO: (per_token_loss * mask).sum(-1).mean(), each sequence weighted by its own length.
+    "luspo": ("clip", "seq-mean-token-sum"),
+    "vespo": ("vespo", "token-mean"),
 }
 # Loss types whose token-mean divides by the token count of the whole accumulated, all-process batch.
-_GLOBAL_TOKEN_MEAN = ("dapo", "cispo")
+_GLOBAL_TOKEN_MEAN = ("dapo", "cispo", "vespo")
 
 
 def _unsupported(args: GRPOConfig) -> list[str]:
@@ -52,20 +57,6 @@ def _unsupported(args: GRPOConfig) -> list[str]:
         problems.append(f"loss_type={args.loss_type!r} (softpo implements {sorted(LOSS_TYPES)})")
     if args.importance_sampling_level not in ("token", "sequence"):
         problems.append(f"importance_sampling_level={args.importance_sampling_level!r} (TRL knows 'token', 'sequence')")
-    if args.top_entropy_quantile != 1.0:
-        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (no high-entropy token mask in softpo)")
-    if args.off_policy_mask_threshold is not None:
-        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (no off-policy sequence mask)")
-    if args.use_adaptive_entropy:
-        problems.append("use_adaptive_entropy=True (softpo's entropy_coef is a constant)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        if args.vllm_importance_sampling_clip_min is not None:
-            problems.append(
-                f"vllm_importance_sampling_clip_min={args.vllm_importance_sampling_clip_min} "
-                "(softpo's sampler correction has an upper cap only)"
-            )
-        if args.vllm_importance_sampling_clip_max is None:
-            problems.append("vllm_importance_sampling_clip_max=None (softpo's sampler correction needs a finite cap)")
     return problems
 
 
@@ -83,9 +74,11 @@ def loss_config_from_grpo_config(args: GRPOConfig) -> LossConfig:
     gate, aggregation = LOSS_TYPES[args.loss_type]
     sampler_correction = {}
     if args.use_vllm and args.vllm_importance_sampling_correction:
+        low, high = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
         sampler_correction = dict(
             vllm_importance_sampling_mode=args.vllm_importance_sampling_mode,
-            vllm_importance_sampling_cap=float(args.vllm_importance_sampling_clip_max),
+            vllm_importance_sampling_cap=None if high is None else float(high),
+            vllm_importance_sampling_clip_min=None if low is None else float(low),
         )
     return preset(
         args.loss_type,
@@ -101,7 +94,18 @@ def loss_config_from_grpo_config(args: GRPOConfig) -> LossConfig:
         beta=args.beta,
         kl_estimator="k3",
         use_bias_correction_kl=args.use_bias_correction_kl,
+        vespo_k_pos=args.vespo_k_pos,
+        vespo_lambda_pos=args.vespo_lambda_pos,
+        vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg,
         entropy_coef=args.entropy_coef,
+        use_adaptive_entropy=args.use_adaptive_entropy,
+        entropy_coef_min=args.entropy_coef_min,
+        entropy_coef_max=args.entropy_coef_max,
+        entropy_coef_delta=args.entropy_coef_delta,
+        entropy_target=args.entropy_target,
+        top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold,
         # TRL logs the entropy whatever the coefficient.
         compute_entropy=True,
         loss_aggregation=aggregation,
@@ -220,11 +224,24 @@ class SoftpoGRPOMixin:
 
         old_logp = inputs.get("old_per_token_logps")
         ref_logp = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
-        rollout_logp = None
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            sampled = inputs["sampling_per_token_logps"]
-            # TRL gives tokens the sampler could not score a correction weight of exactly 1.
+        rollout_logp = importance_sampling_ratio = None
+        correcting = self.use_vllm and self.vllm_importance_sampling_correction
+        sampled = inputs.get("sampling_per_token_logps")
+        if sampled is not None and (correcting or config.off_policy_mask_threshold is not None):
+            # The off-policy mask measures the sampler's log-probs too. Tokens the sampler could not score get
+            # their old log-prob (TRL: a correction weight of exactly 1).
             rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
+        if correcting:
+            # The batch's own ratio (a subclass or rollout_func may have supplied it), not one recomputed here.
+            importance_sampling_ratio = inputs["importance_sampling_ratio"]
+        elif rollout_logp is not None:
+            importance_sampling_ratio = torch.ones_like(rollout_logp[:, :1])  # no correction: a weight of 1
+        control = None
+        if config.use_adaptive_entropy:
+            # TRL's controller state lives on the trainer (it saves and restores it with checkpoints).
+            control = AdaptiveEntropy(self.entropy_coef, self._last_world_entropy, self._entropy_window_stats)
+            config = control.loss_config(config)
+        entropy_gather = self._gather_entropies if config.top_entropy_quantile < 1 else None
         temperature = self.temperature / self._softpo_logit_scale
         normalizer = self._normalizer(inputs, mode)
         cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
@@ -252,8 +269,10 @@ class SoftpoGRPOMixin:
                     old_logp=old_logp,
                     ref_logp=ref_logp,
                     rollout_logp=rollout_logp,
+                    importance_sampling_ratio=importance_sampling_ratio,
                     temperature=temperature,
                     normalizer=normalizer,
+                    entropy_gather=entropy_gather,
                     impl=self.softpo_impl,
                 )
             aux_loss = self._softpo_router_aux_loss(outputs, attention_mask) if self.aux_loss_enabled else None
@@ -269,11 +288,27 @@ class SoftpoGRPOMixin:
             out, aux_loss = model(**model_inputs, softpo_loss_fn=loss_fn)
 
         loss = out.loss / accumulation
+        if control is not None and mode == "train":
+            control = control.observe(out)
+            if self.accelerator.sync_gradients:
+                control = control.step(config, reduce=lambda t: self.accelerator.reduce(t, reduction="sum"))
+            self.entropy_coef, self._last_world_entropy, self._entropy_window_stats = (
+                control.coef, control.last_entropy, control.window
+            )
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_softpo_metrics(mode, out, inputs, mask, old_logp, ref_logp, accumulation)
+        self._log_softpo_metrics(
+            mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+        )
         return loss
+
+    def _gather_entropies(self, local):
+        """Every process's entropies, concatenated (processes may hold different token counts)."""
+        # Entropies are >= 0, so a negative pad cannot be mistaken for one.
+        pad = -1e9
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=pad))
+        return gathered[gathered != pad]
 
     def _softpo_router_aux_loss(self, outputs, attention_mask):
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -284,7 +319,9 @@ class SoftpoGRPOMixin:
             outputs.router_logits, num_experts, text_config.num_experts_per_tok, attention_mask
         )
 
-    def _log_softpo_metrics(self, mode, out, inputs, mask, old_logp, ref_logp, accumulation):
+    def _log_softpo_metrics(
+        self, mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+    ):
         """TRL's loss metrics, under TRL's names and with TRL's cross-process reductions."""
         metrics = self._metrics[mode]
         sequence_level = self.importance_sampling_level == "sequence"
@@ -330,6 +367,9 @@ class SoftpoGRPOMixin:
             if mode == "train" and self.accelerator.sync_gradients:
                 metrics["entropy_coef"].append(self.entropy_coef)
         if self.softpo_config.gate == "clip":
+            if self.args.delta is not None:
+                # TRL counts clipping on the dual-clipped ratio (which matters once delta <= 1 + epsilon_high).
+                ratio = ratio.clamp(max=self.args.delta)
             low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).to(logp.dtype)
             high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).to(logp.dtype)
             metrics["clip_ratio/low_mean"].append(global_mean(low))
@@ -340,6 +380,12 @@ class SoftpoGRPOMixin:
         elif self.softpo_config.gate == "cispo":
             capped = ((ratio > self.epsilon_high) & (advantages > 0)).to(logp.dtype)
             metrics["cispo_clip_ratio"].append(global_mean(capped))
+        elif self.softpo_config.gate == "vespo":
+            is_weight = None
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                is_weight = importance_sampling_ratio.to(logp)
+            phi = objectives.vespo_weights(self.softpo_config, logp, old, mask, advantages.to(logp), is_weight)
+            metrics["vespo/phi_seq_mean"].append(global_mean(phi))
 
 
 def _nan_extreme(values: torch.Tensor, pick) -> float:
