@@ -18,6 +18,14 @@ from ._common import _finish_lse, interpreting
 GATE_CLIP, GATE_SOFT, GATE_TRUNCATED = 0, 1, 2
 KL_NONE, KL_K1, KL_K2, KL_K3 = 0, 1, 2, 3
 IS_AS_GIVEN, IS_TRUNCATE, IS_MASK = 0, 1, 2
+# The same codes as compile-time constants, for the kernels' branches.
+_CLIP: tl.constexpr = tl.constexpr(GATE_CLIP)
+_SOFT: tl.constexpr = tl.constexpr(GATE_SOFT)
+_NO_KL: tl.constexpr = tl.constexpr(KL_NONE)
+_K1: tl.constexpr = tl.constexpr(KL_K1)
+_K2: tl.constexpr = tl.constexpr(KL_K2)
+_TRUNCATE: tl.constexpr = tl.constexpr(IS_TRUNCATE)
+_MASK: tl.constexpr = tl.constexpr(IS_MASK)
 # softpo.objectives.LOG_RATIO_LIMIT: exponentials of log-ratios are taken at most at this exponent.
 LOG_RATIO_LIMIT: tl.constexpr = tl.constexpr(20.0)
 
@@ -69,11 +77,11 @@ def _kl_estimate(logp, ref, KL: tl.constexpr):
     """(value, d value / d logp, their sum) of an estimate of KL(pi || pi_ref) from d = log pi_ref - log pi
     (Schulman's k1, k2, k3). The sum is formed without cancellation for the bias-corrected KL."""
     d = ref - logp
-    if KL == 1:
+    if KL == _K1:
         value = -d
         deriv = tl.full(d.shape, 1.0, tl.float32)
         total = 1.0 - d
-    elif KL == 2:
+    elif KL == _K2:
         value = d * d * 0.5
         deriv = -d
         total = value - d
@@ -90,9 +98,9 @@ def _kl_estimate(logp, ref, KL: tl.constexpr):
 @triton.jit
 def _bound_weight(w, is_lo, is_hi, IS_BOUND: tl.constexpr):
     """The sampler-mismatch weight clipped to (IS_TRUNCATE) or zeroed outside (IS_MASK) [is_lo, is_hi]."""
-    if IS_BOUND == 1:
+    if IS_BOUND == _TRUNCATE:
         w = tl.minimum(tl.maximum(w, is_lo), is_hi)
-    elif IS_BOUND == 2:
+    elif IS_BOUND == _MASK:
         w = tl.where((w < is_lo) | (w > is_hi), 0.0, w)
     return w
 
@@ -111,9 +119,9 @@ def _token_terms(
         # On-policy: the ratio is exactly 1 and its derivative wrt logp is r = 1.
         r = tl.full(logp.shape, 1.0, tl.float32)
         dr = r
-    if GATE == 0:
+    if GATE == _CLIP:
         value, coef = _clip_gate(r, dr, adv, lo, hi, delta, HAS_DELTA)
-    elif GATE == 1:
+    elif GATE == _SOFT:
         value, coef = _soft_gate(r, dr, adv, tau_pos, tau_neg)
     else:
         value, coef = _truncated_gate(r, adv, logp, lo, hi)
@@ -121,7 +129,7 @@ def _token_terms(
         isw = _bound_weight(isw, is_lo, is_hi, IS_BOUND)
         value = value * isw
         coef = coef * isw
-    if KL != 0:
+    if KL != _NO_KL:
         kl, dkl, kl_plus_dkl = _kl_estimate(logp, ref, KL)
         if KL_RATIO:
             # d (kl r) = dkl r + kl dr, where dr is r below the ratio's cap and 0 above it.
@@ -147,7 +155,7 @@ def _terms_epilogue(
     isw = logp
     if HAS_OLD:
         old = tl.load(old_ptr + rows, mask=active, other=0.0).to(tl.float32)
-    if KL != 0:
+    if KL != _NO_KL:
         ref = tl.load(ref_ptr + rows, mask=active, other=0.0).to(tl.float32)
     if HAS_ISW:
         isw = tl.load(isw_ptr + rows, mask=active, other=0.0).to(tl.float32)
