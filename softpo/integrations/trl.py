@@ -26,6 +26,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..api import policy_loss
 from ..config import LossConfig, preset
+from ..distributed import gathered_weight
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
 
@@ -157,10 +158,11 @@ def _add_softpo_head(model) -> None:
         kwargs["use_cache"] = False
         # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
         outputs = self.base_model(*args, **kwargs)
-        weight = self.get_output_embeddings().weight
-        # FSDP2 shards parameters as DTensors; the loss needs the whole head, gathered differentiably.
-        if hasattr(weight, "full_tensor"):
-            weight = weight.full_tensor()
+        # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
+        # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
+        # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
+        # alone would leave each rank its own, unreduced, gradient).
+        weight = gathered_weight(self.get_output_embeddings().weight)
         return softpo_loss_fn(outputs, weight)
 
     model.forward = types.MethodType(forward, model)
