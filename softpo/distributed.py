@@ -28,7 +28,7 @@ import types
 import torch
 import torch.distributed as dist
 
-__all__ = ["shard", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm", "save_sharded",
+__all__ = ["shard", "broadcast_from_first_rank", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm", "save_sharded",
            "load_sharded", "full_state_dict"]
 
 
@@ -41,18 +41,35 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """`fully_shard` each decoder layer, then the whole model as the root; in place, returns the model.
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the whole model as the root, over all ranks; in place.
 
     Call it after the weights are loaded and identical on every rank, and before building the optimizer.
+    A model still on the CPU moves to `device` one group at a time, as each group's shards: the whole
+    model never needs to fit on one GPU.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # Explicit: the default mesh is CUDA whenever CUDA exists, even for a run on the CPU.
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     _add_inside_call(model)
     return model
+
+
+def broadcast_from_first_rank(model: torch.nn.Module, device: torch.device) -> None:
+    """Copy rank 0's parameters and buffers to every rank, in place; tensors not on `device` (a model kept on
+    the CPU until `shard` moves it) pass through `device` one at a time, as NCCL needs."""
+    for tensor in model.state_dict().values():
+        if tensor.device == device:
+            dist.broadcast(tensor, src=0)
+        else:
+            staged = tensor.to(device)
+            dist.broadcast(staged, src=0)
+            tensor.copy_(staged)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -445,17 +445,17 @@ def train(args) -> int:
     main_rank = rank == 0
 
     tokenizer = build_tokenizer(args)
-    model = build_model(args, tokenizer, device)
+    # Sharded, the model stays on the CPU until `shard` moves each group's shards to the device.
+    model = build_model(args, tokenizer, torch.device("cpu") if args.fsdp else device)
     if world > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        distributed.broadcast_from_first_rank(model, device)
     reference = None
     if config.needs_ref:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if args.fsdp:
-        distributed.shard(model)
+        distributed.shard(model, device)
         if reference is not None:
-            distributed.shard(reference)
+            distributed.shard(reference, device)
     moe = bool(getattr(model.config, "num_experts_per_tok", 0))
     num_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0)
     top_k = getattr(model.config, "num_experts_per_tok", 0)

@@ -289,3 +289,36 @@ def test_trl_drop_in_under_fsdp2_matches_trl(tmp_path, tie):
         bound = (ref[name].double() - value).abs() + 1e-5 * change
         worst = ((out[name].double() - value).abs() - bound).max().item()
         assert worst <= 0, f"{name}: |out - gt| exceeds |ref - gt| + tol by {worst:.3g}"
+
+
+def test_fsdp_without_torchrun_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert train.main([*TINY, "--fsdp", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fsdp: launch with torchrun" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tie_embeddings_is_for_the_built_in_model(tmp_path, capsys):
+    assert train.main(["--model", str(tmp_path), "--tie-embeddings", "--out", str(tmp_path / "run")]) == 2
+    assert "--tie-embeddings applies to the built-in model only" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_change_of_sharding(tmp_path):
+    """A run saved without --fsdp has a whole-model checkpoint.pt; resuming it sharded is refused, by a
+    one-rank torchrun-like process (a process group of one, so nothing of it leaks into this test process)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert train.main([*TINY, "--steps", "1", "--out", str(run)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               GLOO_SOCKET_IFNAME="lo")
+    code = f"from softpo import train; raise SystemExit(train.main(['--resume', {str(run)!r}, '--fsdp', '--steps', '2']))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 2, done.stderr
+    assert "--resume: the run was saved without --fsdp" in done.stderr
+    assert [r["step"] for r in read_metrics(run)] == [1]
