@@ -24,6 +24,7 @@ import functools
 import os
 import shutil
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -97,7 +98,11 @@ def call_inside(model: torch.nn.Module, fn):
     final norm, lm_head) are whole and registered on their modules while `fn` reads them; `fn()` otherwise."""
     if not is_sharded(model):
         return fn()
-    return model(_softpo_call=fn)
+    with warnings.catch_warnings():
+        # FSDP2 warns that an in-place op on a view it returns would skip its pre-backward hook; the loss
+        # loop's outputs (log-probs, router logits: reshaped views) are only read, never written in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        return model(_softpo_call=fn)
 
 
 def gathered_weight(weight: torch.Tensor) -> torch.Tensor:
