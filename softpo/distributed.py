@@ -29,8 +29,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["shard", "broadcast_from_first_rank", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm", "save_sharded",
-           "load_sharded", "full_state_dict"]
+__all__ = ["shard", "broadcast_from_first_rank", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm",
+           "save_sharded", "load_sharded", "full_state_dict"]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

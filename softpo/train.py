@@ -453,7 +453,10 @@ def train(args) -> int:
     if config.needs_ref:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if args.fsdp:
-        distributed.shard(model, device)
+        try:
+            distributed.shard(model, device)
+        except ValueError as error:
+            raise _UsageError(f"--fsdp: {error}") from None
         if reference is not None:
             distributed.shard(reference, device)
     moe = bool(getattr(model.config, "num_experts_per_tok", 0))
@@ -481,7 +484,10 @@ def train(args) -> int:
         if bool(state.get("sharded")) != args.fsdp:
             raise _UsageError(f"--resume: the run was saved {'with' if state.get('sharded') else 'without'} --fsdp")
         if args.fsdp:
-            distributed.load_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, state["step"])
+            try:
+                distributed.load_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, state["step"])
+            except ValueError as error:
+                raise _UsageError(str(error)) from None
         else:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -575,7 +581,7 @@ def train(args) -> int:
                     if world > 1:
                         dist.all_reduce(count)
                     normalizer = count.clamp(min=1) / world
-                def policy_loss(hidden, weight):
+                def minibatch_loss(hidden, weight):
                     return softpo.policy_loss(
                         config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=weight,
                         old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
@@ -583,7 +589,7 @@ def train(args) -> int:
                         temperature=args.temperature, normalizer=normalizer, impl=args.impl,
                     )
 
-                out, router = scored(model, batch, rows, moe, policy_loss)
+                out, router = scored(model, batch, rows, moe, minibatch_loss)
                 loss = out.loss
                 if router is not None:
                     aux, load = load_balancing(router, batch["valid"][rows], num_experts, top_k)
