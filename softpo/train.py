@@ -22,6 +22,8 @@ Simplifications, on purpose:
   (or searches the graph every step with find_unused_parameters); here lm_head is used by the loss,
   outside the forward, and an MoE expert may get no token on a rank.
 - Checkpoints keep the latest state only.
+- --fsdp shards parameters, gradients and optimizer state with FSDP2 (softpo/distributed.py); sampling then
+  all-gathers every layer for every generated token, which is slow: an inference engine is the real fix.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 import softpo
-from softpo import tasks
+from softpo import distributed, tasks
 
 LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo", "luspo", "vespo")
 
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experts", type=int, default=8)
     g.add_argument("--experts-per-token", type=int, default=2)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--tie-embeddings", action="store_true", help="built-in model: lm_head shares the input "
+                   "embedding's weight")
 
     g = p.add_argument_group("task and sampling")
     g.add_argument("--task", choices=sorted(tasks.TASKS), default="count")
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps (and at the end)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "torchrun processes with FSDP2 (fully_shard per decoder layer and on the model)")
     g.add_argument("--threads", type=int, help="CPU threads per process (default 1: the built-in model is too "
                    "small to gain from more, and oversubscribed threads on a busy machine slow it over tenfold)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -148,6 +154,8 @@ def check_args(args):
         raise ValueError(f"--model: directory {args.model!r} not found")
     if args.model is not None and args.vocab_size is not None:
         raise ValueError("--vocab-size applies to the built-in model only")
+    if args.model is not None and args.tie_embeddings:
+        raise ValueError("--tie-embeddings applies to the built-in model only (a --model's config decides)")
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: file {args.prompts!r} not found")
 
@@ -198,7 +206,7 @@ def build_model(args, tokenizer, device):
             head_dim=max(args.hidden_size // heads, 8), num_experts=args.experts,
             num_experts_per_tok=args.experts_per_token, max_position_embeddings=256,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-            tie_word_embeddings=False,
+            tie_word_embeddings=args.tie_embeddings,
         )
         model = Qwen3MoeForCausalLM(config).to(dtype)
     return model.to(device)
@@ -239,7 +247,9 @@ def rollout(model, tokenizer, prompts, args, device):
     )
     model.eval()
     with torch.no_grad():
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+        # Sharded layers all-gather in every forward: each rank keeps stepping until all ranks are done.
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation,
+                                   synced_gpus=distributed.is_sharded(model))
     model.train()
     completion = sequences[:, prompt_ids.shape[1]:]
     is_eos = completion == tokenizer.eos_token_id
@@ -274,6 +284,16 @@ def forward(model, batch, rows, moe):
         n, length = batch["input_ids"][rows].shape
         router = [layer.reshape(n, length, -1) for layer in router]
     return hidden, router
+
+
+def scored(model, batch, rows, moe, head):
+    """`head(hidden, lm_head weight)` and the router logits of `forward`, computed inside the model's own
+    forward: under FSDP2 that is where the lm_head weight is whole (softpo/distributed.py says why)."""
+    def run():
+        hidden, router = forward(model, batch, rows, moe)
+        return head(hidden, model.lm_head.weight), router
+
+    return distributed.call_inside(model, run)
 
 
 def top_k_sets(router, start, k):
@@ -337,11 +357,17 @@ def save_checkpoint(run_dir, step, model, optimizer, device, world):
     if world > 1:
         states = [None] * world
         dist.all_gather_object(states, rng_state(device))
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        # Each rank writes its shards; checkpoint.pt (written last) holds the step, RNG states and world size.
+        distributed.save_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, step)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     path = os.path.join(run_dir, "checkpoint.pt")
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": states,
-                "world_size": world}, path + ".tmp")
+    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded}
+    if not sharded:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -411,7 +437,9 @@ def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if world > 1:
+    if args.fsdp and "MASTER_ADDR" not in os.environ:
+        raise _UsageError("--fsdp: launch with torchrun (it sets RANK, WORLD_SIZE and MASTER_ADDR)")
+    if world > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     if use_cuda:
@@ -423,13 +451,20 @@ def train(args) -> int:
     main_rank = rank == 0
 
     tokenizer = build_tokenizer(args)
-    model = build_model(args, tokenizer, device)
+    # Sharded, the model stays on the CPU until `shard` moves each group's shards to the device.
+    model = build_model(args, tokenizer, torch.device("cpu") if args.fsdp else device)
     if world > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        distributed.broadcast_from_first_rank(model, device)
     reference = None
     if config.needs_ref:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.fsdp:
+        try:
+            distributed.shard(model, device)
+        except ValueError as error:
+            raise _UsageError(f"--fsdp: {error}") from None
+        if reference is not None:
+            distributed.shard(reference, device)
     moe = bool(getattr(model.config, "num_experts_per_tok", 0))
     num_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0)
     top_k = getattr(model.config, "num_experts_per_tok", 0)
@@ -452,8 +487,16 @@ def train(args) -> int:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["world_size"] != world:
             raise _UsageError(f"--resume: the run used {state['world_size']} ranks, this one has {world}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded")) != args.fsdp:
+            raise _UsageError(f"--resume: the run was saved {'with' if state.get('sharded') else 'without'} --fsdp")
+        if args.fsdp:
+            try:
+                distributed.load_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, state["step"])
+            except ValueError as error:
+                raise _UsageError(str(error)) from None
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"][rank]["torch"])
         if use_cuda and "cuda" in state["rng"][rank]:
             torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
@@ -522,23 +565,21 @@ def train(args) -> int:
         old_experts = []
         with torch.no_grad():
             for rows in slices:
-                hidden, router = forward(model, batch, rows, moe)
-                old_logp[rows] = softpo.token_logprobs(targets[rows], hidden=hidden, weight=model.lm_head.weight,
-                                                       temperature=args.temperature, impl=args.impl)
+                def logprobs(hidden, weight):
+                    return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight,
+                                                 temperature=args.temperature, impl=args.impl)
+
+                old_logp[rows], router = scored(model, batch, rows, moe, logprobs)
                 if router is not None:
                     old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, top_k))
                 if reference is not None:
-                    hidden, _ = forward(reference, batch, rows, False)
-                    ref_logp[rows] = softpo.token_logprobs(
-                        targets[rows], hidden=hidden, weight=reference.lm_head.weight,
-                        temperature=args.temperature, impl=args.impl)
+                    ref_logp[rows], _ = scored(reference, batch, rows, False, logprobs)
 
         # ---- updates: minibatches x epochs, one optimizer step each
         logged = {}
         loads = []
         for _ in range(args.epochs):
             for index, rows in enumerate(slices):
-                hidden, router = forward(model, batch, rows, moe)
                 normalizer = None
                 if config.loss_aggregation == "token-mean":
                     # Gradients are averaged over ranks, so each rank divides by the global count / world.
@@ -546,12 +587,15 @@ def train(args) -> int:
                     if world > 1:
                         dist.all_reduce(count)
                     normalizer = count.clamp(min=1) / world
-                out = softpo.policy_loss(
-                    config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=model.lm_head.weight,
-                    old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
-                    rewards=rewards[rows], q0=None if q0 is None else q0[rows],
-                    temperature=args.temperature, normalizer=normalizer, impl=args.impl,
-                )
+                def minibatch_loss(hidden, weight):
+                    return softpo.policy_loss(
+                        config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=weight,
+                        old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
+                        rewards=rewards[rows], q0=None if q0 is None else q0[rows],
+                        temperature=args.temperature, normalizer=normalizer, impl=args.impl,
+                    )
+
+                out, router = scored(model, batch, rows, moe, minibatch_loss)
                 loss = out.loss
                 if router is not None:
                     aux, load = load_balancing(router, batch["valid"][rows], num_experts, top_k)
@@ -563,9 +607,9 @@ def train(args) -> int:
                     loads.append(load)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if world > 1:
+                if world > 1 and not args.fsdp:
                     average_gradients(params, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm)
                 optimizer.step()
                 logged.setdefault("grad_norm", []).append(grad_norm.item())
                 logged.setdefault("total_loss", []).append(loss.item())
@@ -618,7 +662,7 @@ def train(args) -> int:
         print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if use_cuda else 'process RSS'}); "
               f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.1f} MiB")
         print(f"run directory: {run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
-    if world > 1:
+    if dist.is_initialized():
         # Tear down together: a rank that leaves while rank 0 still writes the plot can abort in gloo.
         dist.barrier()
         dist.destroy_process_group()

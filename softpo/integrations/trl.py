@@ -29,6 +29,7 @@ from .. import objectives
 from ..adaptive import AdaptiveEntropy
 from ..api import policy_loss
 from ..config import LossConfig, preset
+from ..distributed import gathered_weight
 from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
@@ -166,10 +167,11 @@ def _add_softpo_head(model, zero3: bool = False) -> None:
         # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
         if zero3:
             return head_loss(self, softpo_loss_fn, outputs)
-        weight = self.get_output_embeddings().weight
-        # FSDP2 shards parameters as DTensors; the loss needs the whole head, gathered differentiably.
-        if hasattr(weight, "full_tensor"):
-            weight = weight.full_tensor()
+        # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
+        # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
+        # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
+        # alone would leave each rank its own, unreduced, gradient).
+        weight = gathered_weight(self.get_output_embeddings().weight)
         return softpo_loss_fn(outputs, weight)
 
     model.forward = types.MethodType(forward, model)

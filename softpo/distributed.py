@@ -1,0 +1,183 @@
+"""FSDP2 plumbing for `softpo train --fsdp`: wrapping, the lm_head weight for the loss, sharded checkpoints.
+
+`shard(model)` applies torch's `fully_shard` to every decoder layer and then to the model itself (the root),
+so the embeddings, the final norm and lm_head form the root's group. Parameters become DTensors sharded on
+dim 0 over the ranks; gradients are reduce-scattered and averaged by FSDP2, so the loop's own all-reduce
+is skipped.
+
+The loss needs the whole lm_head weight. It is read inside the root module's forward (`call_inside`), where
+FSDP2 has already gathered the root group, rather than by a differentiable `full_tensor()` of the sharded
+parameter: the root group is all-gathered for the embeddings anyway, so reading it there costs no extra
+collective and no second copy, and its gradient lands on the unsharded parameter that FSDP2 reduce-scatters
+with the rest. A `full_tensor()` gradient would land on the sharded parameter instead, where FSDP2 does not
+reduce it: each rank would keep only its own data's gradient (see `gathered_weight` for the correct form).
+Tied embeddings are one parameter in the root group, so they need nothing more.
+
+Checkpoints are torch.distributed.checkpoint (DCP) directories: each rank writes its own shards of the
+parameters and of AdamW's state (`get_state_dict` gives them by canonical parameter names), and a load
+reads them back into the sharded model (`set_state_dict`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import types
+import warnings
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["shard", "broadcast_from_first_rank", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm",
+           "save_sharded", "load_sharded", "full_state_dict"]
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model: the classes it names in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+    return layers
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the whole model as the root, over all ranks; in place.
+
+    Call it after the weights are loaded and identical on every rank, and before building the optimizer.
+    A model still on the CPU moves to `device` one group at a time, as each group's shards: the whole
+    model never needs to fit on one GPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # Explicit: the default mesh is CUDA whenever CUDA exists, even for a run on the CPU.
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _add_inside_call(model)
+    return model
+
+
+def broadcast_from_first_rank(model: torch.nn.Module, device: torch.device) -> None:
+    """Copy rank 0's parameters and buffers to every rank, in place; tensors not on `device` (a model kept on
+    the CPU until `shard` moves it) pass through `device` one at a time, as NCCL needs."""
+    for tensor in model.state_dict().values():
+        if tensor.device == device:
+            dist.broadcast(tensor, src=0)
+        else:
+            staged = tensor.to(device)
+            dist.broadcast(staged, src=0)
+            tensor.copy_(staged)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _add_inside_call(model) -> None:
+    """Let `model(_softpo_call=fn)` run `fn()` as the model's forward, inside FSDP2's root hooks."""
+    replaced_forward = model.forward
+
+    # `generate` checks its keyword arguments against the forward's signature: keep the original's.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, _softpo_call=None, **kwargs):
+        if _softpo_call is None:
+            return replaced_forward(*args, **kwargs)
+        return _softpo_call()
+
+    model.forward = types.MethodType(forward, model)
+
+
+def call_inside(model: torch.nn.Module, fn):
+    """`fn()` run as `model`'s forward when FSDP2 shards it, so that the root group's parameters (embeddings,
+    final norm, lm_head) are whole and registered on their modules while `fn` reads them; `fn()` otherwise."""
+    if not is_sharded(model):
+        return fn()
+    with warnings.catch_warnings():
+        # FSDP2 warns that an in-place op on a view it returns would skip its pre-backward hook; the loss
+        # loop's outputs (log-probs, router logits: reshaped views) are only read, never written in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        return model(_softpo_call=fn)
+
+
+def gathered_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor parameter that FSDP2 has not gathered (a plain tensor passes through),
+    with a gradient that is reduce-scattered and averaged over the ranks, as FSDP2 does for the gradients
+    it reduces itself. `full_tensor()` alone treats the incoming gradient as replicated and keeps each rank's
+    slice of its own gradient, unreduced."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if not isinstance(weight, DTensor):
+        return weight
+    replicated = weight.redistribute(placements=[Replicate()] * weight.device_mesh.ndim)
+    return replicated.to_local(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` that also takes sharded (DTensor) gradients; returns the total norm as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_sharded(path: str, model, optimizer, step: int) -> None:
+    """Write model and optimizer shards as a DCP directory at `path` (all ranks call it).
+
+    It is written beside `path` and moved into place once every rank has finished, so an interrupted save
+    leaves the previous checkpoint whole; `step` is stored with it so a load can check it got the right one.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    partial = path + ".partial"
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    state = _state(model, optimizer)
+    state["step"] = torch.tensor(step)
+    dcp.save(state, checkpoint_id=partial)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        previous = path + ".previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        if os.path.isdir(path):
+            os.replace(path, previous)
+        os.replace(partial, path)
+        shutil.rmtree(previous, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(path: str, model, optimizer, step: int) -> None:
+    """Read a `save_sharded` directory into the (already sharded) model and its optimizer, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume: {path} not found")
+    state = _state(model, optimizer)
+    state["step"] = torch.tensor(-1)
+    dcp.load(state, checkpoint_id=path)
+    if int(state["step"]) != step:
+        raise ValueError(f"--resume: {path} holds step {int(state['step'])}, checkpoint.pt says step {step}")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The unsharded model state dict on every rank (a collective under FSDP2; `state_dict()` otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
