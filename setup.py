@@ -12,7 +12,9 @@ setup(
     packages=["softpo", "softpo.integrations", "softpo.kernels"],
     package_dir={"softpo": "softpo", "softpo.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        # The floor is set by the APIs used: the public FSDP2 `fully_shard` and torch.library custom ops with
+        # autograd (2.6). addmm(out_dtype=) is newer and used only where this torch has it. CI tests 2.13.
+        "torch>=2.6",
         "triton>=3.0",
         "transformers>=4.51",
         "tqdm",
