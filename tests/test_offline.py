@@ -146,22 +146,47 @@ def test_offline_advantages_come_from_their_own_group():
     assert pool.draw(1, 12, random.Random(0))[0][1] == [i % 5 for i in range(12)]
 
 
-def test_spo_half_online_gains_reward_generating_half(tmp_path):
-    """SPO on half offline samples (saved by an earlier SAPO run) and half fresh ones: the reward of the fresh
-    samples climbs, and each step generates completions for half the prompts."""
-    saved, half = tmp_path / "saved", tmp_path / "half"
-    common = ["--prompts-per-step", "16", "--group-size", "8", "--no-progress", "--threads", "1"]
-    assert train.main([*common, "--steps", "60", "--save-samples", "--out", str(saved)]) == 0
-    assert train.main([*common, "--loss", "spo", "--steps", "60", "--offline", str(saved / "samples.jsonl"),
-                       "--offline-fraction", "0.5", "--seed", "1", "--out", str(half)]) == 0
-    rows = read_jsonl(half / "metrics.jsonl")
+def test_spo_half_online_learns_from_saved_samples(saved_run, tmp_path):
+    """SPO on half offline samples (saved by an earlier run) and half fresh ones: the policy moves toward the
+    saved completions that scored above their group and away from those below, while generating completions
+    for half the prompts. (Its reward on the built-in task climbs too slowly for a test; see the comparison.)"""
+    run = tmp_path / "half"
+    saved = str(saved_run / "samples.jsonl")
+    assert train.main([*TINY, "--loss", "spo", "--steps", "8", "--lr", "1e-2", "--offline", saved,
+                       "--offline-fraction", "0.5", "--out", str(run)]) == 0
+    rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["offline_fraction"] == 0.5 for r in rows)
-    first = sum(r["reward_mean"] for r in rows[:6]) / 6
-    last = sum(r["reward_mean"] for r in rows[-6:]) / 6
-    assert last > first + 0.05, (first, last)
-    # Half the prompts are sampled: generated tokens are those of 8 prompts x 8 samples a step.
-    assert all(r["generated_tokens"] == r["completion_length"] * 64 for r in rows)
+    # Half the prompts are sampled: generated tokens are those of 2 prompts x 4 samples a step.
+    assert all(r["generated_tokens"] == r["completion_length"] * 8 for r in rows)
     assert rows[-1]["generated_tokens_cumulative"] == sum(r["generated_tokens"] for r in rows)
+
+    args = train.parse_args(TINY)
+    tokenizer = train.build_tokenizer(args)
+    model = train.build_model(args, tokenizer, torch.device("cpu"))  # the run's initial weights (same seed)
+    groups = samples.load([saved], tokenizer, model.config.vocab_size, None)
+    unscored(groups)
+    drawn = [(g, list(range(len(g.rewards)))) for g in groups]
+    batch, stored = samples.offline_batch(drawn, tokenizer.pad_token_id, torch.device("cpu"))
+
+    def sequence_logp():
+        with torch.no_grad():
+            hidden, _ = train.forward(model, batch, slice(None), moe=True)
+            logp = softpo.token_logprobs(batch["targets"], hidden=hidden, weight=model.lm_head.weight)
+        return (logp * batch["mask"]).sum(-1)
+
+    before = sequence_logp()
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
+    shift = sequence_logp() - before
+    above, below = [], []
+    offset = 0
+    for group in groups:
+        rewards = torch.tensor(group.rewards)
+        part = shift[offset: offset + len(rewards)]
+        above += part[rewards > rewards.mean()].tolist()
+        below += part[rewards < rewards.mean()].tolist()
+        offset += len(rewards)
+    assert len(above) >= 5 and len(below) >= 5
+    assert sum(above) / len(above) > sum(below) / len(below) + 0.1, (above, below)
 
 
 def test_ratio_objective_uses_stored_logprobs(saved_run, tmp_path):
