@@ -12,7 +12,8 @@ One step:
 
 Simplifications, on purpose:
 - Sampling runs in the training process with transformers' `generate`; there is no inference engine,
-  so the sampler's log-probs equal the trainer's and no rollout-mismatch correction is applied.
+  so the sampler's log-probs equal the trainer's and no rollout-mismatch correction is applied to
+  fresh samples (offline ones with stored log-probs get it: softpo/samples.py).
 - Raw-text prompts (no chat template); completions end at EOS or after --max-new-tokens.
 - One optimizer step per minibatch, constant learning rate, no gradient accumulation.
 - The reference policy is a frozen full copy of the initial weights.
@@ -693,7 +694,8 @@ def train(args) -> int:
         if main_rank:
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward_mean'] or math.nan:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
+            shown = math.nan if row["reward_mean"] is None else row["reward_mean"]
+            bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(run_dir, step + 1, model, optimizer, device, world)
             if main_rank and not args.no_progress:
