@@ -289,3 +289,23 @@ def test_data_parallel_offline_and_saved_samples(saved_run, tmp_path):
     assert len(saved) == 2 * 2 * 4
     for row in rows:
         assert row["generated_tokens"] == sum(len(r["completion_ids"]) for r in saved if r["step"] == row["step"])
+
+
+@pytest.mark.parametrize("mode", ["old", "rollout"])
+def test_routing_replay_with_offline_rows(saved_run, tmp_path, mode):
+    """Offline rows have no rollout routing: under R3 they route live in the old forward and are replayed from
+    it, so the training forwards drift nowhere."""
+    run = tmp_path / mode
+    assert train.main([*TINY, "--loss", "grpo", "--steps", "2", "--minibatches", "2", "--epochs", "2", "--lr", "2e-2",
+                       "--offline", str(saved_run / "samples.jsonl"), "--routing-replay", mode,
+                       "--out", str(run)]) == 0
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all(r["routing_drift"] == 0 and r["replay_logp_gap"] <= 1e-5 for r in rows)
+
+
+def test_resume_keeps_samples_up_to_the_checkpoint(tmp_path):
+    path = write_jsonl(tmp_path / "samples.jsonl", [{**GOOD, "step": s} for s in (1, 1, 2, 3, 3)])
+    samples.truncate(path, 2)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 1, 2]
+    samples.truncate(str(tmp_path / "absent.jsonl"), 2)  # a run that never saved samples
+    assert not (tmp_path / "absent.jsonl").exists()
