@@ -74,8 +74,8 @@ def run_argv(arm, seed, args, run_dir):
 
 def _run(argv):
     """One training run in this process; returns its exit status and wall time."""
-    import io
     import contextlib
+    import io
 
     from softpo import train
 

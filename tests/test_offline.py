@@ -59,7 +59,8 @@ def test_saved_samples_hold_what_the_run_sampled(saved_run):
         assert tokenizer.eos_token_id not in ids[:-1] and len(ids) <= tasks.TASKS["count"].max_new_tokens
         assert tokenizer.decode(ids, skip_special_tokens=True) == record["completion"]
         # Stored as the trainer used it: float32.
-        assert record["reward"] == pytest.approx(tasks.count_reward([record["prompt"]], [record["completion"]])[0], rel=1e-6)
+        expected = tasks.count_reward([record["prompt"]], [record["completion"]])[0]
+        assert record["reward"] == pytest.approx(expected, rel=1e-6)
     rows = read_jsonl(saved_run / "metrics.jsonl")
     # Each step's generated tokens are its saved completions' tokens.
     for row in rows:
