@@ -11,7 +11,8 @@ The setting drifts off-policy on purpose: several minibatches per generation, tw
 learning rate, so the policy and the routing move between sampling and the last update.
 
 The results folder holds every run's metrics.jsonl (runs/ARM/seedS/), `results.json` (settings,
-versions, date, wall time and the summary), `table.md` and `rewards.png` / `drift.png`. `--quick` is a
+versions, date, wall time and the summary), `table.md`, `curves.json` (each run's per-step reward,
+drift, entropy, gradient norm, largest ratio, generated tokens) and `rewards.png` / `drift.png`. `--quick` is a
 smoke-sized set (tiny model, two seeds, a few steps) for CI: it checks the machinery, not the algorithms.
 """
 
@@ -173,6 +174,17 @@ def table(summary, steps):
     return "\n".join(lines) + "\n"
 
 
+CURVE_KEYS = ("reward_mean", "routing_drift", "entropy", "grad_norm", "ratio_max", "generated_tokens")
+
+
+def save_curves(out, curves):
+    """Per-step series of every run, small enough to keep beside the table: curves.json."""
+    series = {f"{arm}/seed{seed}": {key: [row.get(key) for row in rows] for key in CURVE_KEYS}
+              for arm, runs in curves.items() for seed, rows in enumerate(runs)}
+    with open(os.path.join(out, "curves.json"), "w", encoding="utf-8") as handle:
+        json.dump(series, handle)
+
+
 def plot(out, curves):
     import matplotlib
 
@@ -259,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary, args.steps)
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
+    save_curves(args.out, curves)
     plot(args.out, curves)
     print(text, end="")
-    print(f"{len(jobs)} runs in {wall:.0f} s; results in {args.out} (results.json, table.md, rewards.png, drift.png)")
+    print(f"{len(jobs)} runs in {wall:.0f} s; results in {args.out} (results.json, table.md, curves.json, "
+          "rewards.png, drift.png)")
     return 0
 
 

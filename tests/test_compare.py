@@ -29,6 +29,9 @@ def test_quick_comparison_writes_results(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert all(f"| {arm} | 2 |" in table for arm in compare.ARMS)
     assert (out / "rewards.png").stat().st_size > 0 and (out / "drift.png").stat().st_size > 0
+    curves = json.loads((out / "curves.json").read_text())
+    assert len(curves) == 12 and len(curves["sapo/seed0"]["reward_mean"]) == 4
+    assert curves["grpo_r2/seed1"]["routing_drift"] == [0, 0, 0, 0]
     assert "12 runs" in capsys.readouterr().out
     # A results folder is never overwritten.
     assert compare.main(["--quick", "--out", str(out)]) == 2
