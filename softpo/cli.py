@@ -14,7 +14,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        lines = [f"  {name:6s} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        lines = [f"  {name:8s} {help_text}" for name, (_, help_text) in COMMANDS.items()]
         print("usage: softpo {train,bench,compare} [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]

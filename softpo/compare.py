@@ -57,8 +57,8 @@ def build_parser():
     p.add_argument("--out", default=os.path.join("bench", "results", "compare"), help="results folder")
     p.add_argument("--quick", action="store_true", help="CI size: tiny model, 2 seeds, 4 steps")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    p.add_argument("--seeds", type=int, help="seeds per arm (default 3; 2 with --quick)")
-    p.add_argument("--steps", type=int, help="steps per run (default 200; 4 with --quick)")
+    p.add_argument("--seeds", type=int, help="seeds per arm; unset: 3, or 2 with --quick")
+    p.add_argument("--steps", type=int, help="steps per run; unset: 200, or 4 with --quick")
     p.add_argument("--replay-steps", type=int, default=4, help="spo_half: steps of own samples kept for reuse")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
     return p

@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--offline", metavar="FILE[,FILE...]",
                    help="sample files (JSONL with prompt, completion, reward; completion_ids and logprobs optional)")
     g.add_argument("--offline-fraction", type=float, metavar="F",
-                   help="share of each step's prompt groups drawn from --offline / --replay data, 0 to 1 "
-                   "(default 0.5 when either is given; 0.5 is SPO's half-online setting)")
+                   help="share of each step's prompt groups drawn from --offline / --replay data, 0 to 1; "
+                   "unset: 0.5 (SPO's half-online setting) when either is given, else 0")
     g.add_argument("--replay", type=int, default=0, metavar="N",
                    help="keep the last N steps' own samples and reuse them as off-policy data")
 
