@@ -12,7 +12,8 @@ One step:
 
 Simplifications, on purpose:
 - Sampling runs in the training process with transformers' `generate`; there is no inference engine,
-  so the sampler's log-probs equal the trainer's and no rollout-mismatch correction is applied.
+  so the sampler's log-probs equal the trainer's and no rollout-mismatch correction is applied to
+  fresh samples (offline ones with stored log-probs get it: softpo/samples.py).
 - Raw-text prompts (no chat template); completions end at EOS or after --max-new-tokens.
 - One optimizer step per minibatch, constant learning rate, no gradient accumulation.
 - The reference policy is a frozen full copy of the initial weights.
@@ -29,6 +30,7 @@ Simplifications, on purpose:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -43,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 import softpo
-from softpo import distributed, tasks
+from softpo import distributed, routing, samples, tasks
 
 LOSSES = ("sapo", "grpo", "gspo", "gspo_token", "dapo", "dr_grpo", "bnpo", "cispo", "spo", "luspo", "vespo")
 
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads per process (default 1: the built-in model is too "
                    "small to gain from more, and oversubscribed threads on a busy machine slow it over tenfold)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    samples.add_arguments(p)
+    routing.add_arguments(p)
     return p
 
 
@@ -158,6 +162,7 @@ def check_args(args):
         raise ValueError("--tie-embeddings applies to the built-in model only (a --model's config decides)")
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: file {args.prompts!r} not found")
+    samples.check_args(args)
 
 
 def loss_config(args) -> softpo.LossConfig:
@@ -227,13 +232,14 @@ def build_tokenizer(args):
 def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
     """rewards [P, G] -> advantages [P, G]: minus the group mean, over the group std (+1e-4) when `scale`."""
     advantages = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale and rewards.shape[1] > 1:
+    if scale and rewards.shape[1] > 1 and rewards.shape[0]:
         advantages = advantages / (rewards.std(dim=1, keepdim=True) + 1e-4)
     return advantages
 
 
-def rollout(model, tokenizer, prompts, args, device):
-    """Sample G completions per prompt; return the token batch the scoring forwards need."""
+def rollout(model, tokenizer, prompts, args, device, replay=None):
+    """Sample G completions per prompt; return the token batch the scoring forwards need (with the experts
+    each position was routed to while sampling, under "rollout_experts", when `replay` records them)."""
     from transformers import GenerationConfig
 
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -246,8 +252,8 @@ def rollout(model, tokenizer, prompts, args, device):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model.eval()
-    with torch.no_grad():
-        # Sharded layers all-gather in every forward: each rank keeps stepping until all ranks are done.
+    # Sharded layers all-gather in every forward: each rank keeps stepping until all ranks are done.
+    with torch.no_grad(), (replay.route() if replay else contextlib.nullcontext()) as recording:
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation,
                                    synced_gpus=distributed.is_sharded(model))
     model.train()
@@ -256,7 +262,7 @@ def rollout(model, tokenizer, prompts, args, device):
     # Completion tokens up to and including the first EOS count; generate pads the rest.
     mask = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
     attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
-    return {
+    batch = {
         "input_ids": sequences,
         "attention_mask": attention,
         "position_ids": (attention.cumsum(dim=1) - 1).clamp(min=0),
@@ -267,6 +273,9 @@ def rollout(model, tokenizer, prompts, args, device):
         "texts": tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id),
                                         skip_special_tokens=True),
     }
+    if recording is not None:
+        batch["rollout_experts"] = recording.generation_layout(sequences.shape[0])
+    return batch
 
 
 def forward(model, batch, rows, moe):
@@ -286,12 +295,23 @@ def forward(model, batch, rows, moe):
     return hidden, router
 
 
-def scored(model, batch, rows, moe, head):
-    """`head(hidden, lm_head weight)` and the router logits of `forward`, computed inside the model's own
-    forward: under FSDP2 that is where the lm_head weight is whole (softpo/distributed.py says why)."""
-    def run():
+def routed_forward(model, batch, rows, moe, replay, force):
+    """`forward`, plus the experts used ([rows, length, layers, k], forced to `force` where given) under
+    routing replay; None without it."""
+    if replay is None:
+        return (*forward(model, batch, rows, moe), None)
+    with replay.route(force) as recording:
         hidden, router = forward(model, batch, rows, moe)
-        return head(hidden, model.lm_head.weight), router
+    return hidden, router, recording.forward_layout(*batch["input_ids"][rows].shape)
+
+
+def scored(model, batch, rows, moe, head, replay=None, force=None):
+    """`head(hidden, lm_head weight)`, with the router logits and replayed experts of `routed_forward`,
+    computed inside the model's own forward: under FSDP2 that is where the lm_head weight is whole
+    (softpo/distributed.py says why)."""
+    def run():
+        hidden, router, used = routed_forward(model, batch, rows, moe, replay, force)
+        return head(hidden, model.lm_head.weight), router, used
 
     return distributed.call_inside(model, run)
 
@@ -326,6 +346,30 @@ def reduce_metrics(values: dict, world: int, device) -> dict:
             for key, value in zip(keys, buffer.tolist()):
                 out[key] = value / world if not suffix else value
     return out
+
+
+def gather_rows(tensor, world):
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def offline_pool(args, config, tokenizer, model, scale_rewards):
+    """The off-policy groups (--offline files, --replay buffer), or None; bad files are a usage error."""
+    if not (args.offline or args.replay):
+        return None
+
+    def score(group):
+        rewards = torch.tensor([group.rewards])
+        group.advantages = group_advantages(rewards, scale_rewards)[0].tolist()
+        group.q0 = softpo.spo_q0(rewards, config.beta).item() if config.objective == "spo" else 0.0
+
+    try:
+        groups = samples.load(samples.offline_paths(args), tokenizer, model.config.vocab_size,
+                              None if config.objective == "spo" else config.name)
+    except samples.SampleFileError as error:
+        raise _UsageError(str(error)) from None
+    return samples.Pool(groups, args.replay, score)
 
 
 def average_gradients(params, world):
@@ -472,11 +516,19 @@ def train(args) -> int:
     if aux_coef is None:
         aux_coef = getattr(model.config, "router_aux_loss_coef", 0.001)
     scale_rewards = (args.scale_rewards or ("none" if config.name == "dr_grpo" else "group")) == "group"
+    pool = offline_pool(args, config, tokenizer, model, scale_rewards)
+    replay = None
+    if args.routing_replay != "none":
+        try:
+            replay = routing.RoutingReplay(model)
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
     run_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    samples_path = os.path.join(run_dir, "samples.jsonl")
     start = 0
     history = []
     if args.resume:
@@ -523,6 +575,7 @@ def train(args) -> int:
             json.dump(resolved, handle, indent=2, default=str)
         with open(metrics_path, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in history)
+        samples.truncate(samples_path, start)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"softpo train: {args.model or 'Qwen3-MoE (random init)'}, {n_params / 1e6:.2f}M parameters, "
               f"loss {config.name}, {world} process(es) on {device}, run dir {run_dir}", file=sys.stderr)
@@ -543,42 +596,72 @@ def train(args) -> int:
             prompts = [prompt_rng.choice(prompt_pool) for _ in range(args.prompts_per_step)]
         else:
             prompts = [task.sample_prompt(prompt_rng) for _ in range(args.prompts_per_step)]
-        prompts = prompts[rank * per_rank: (rank + 1) * per_rank]
+        # Off-policy groups (--offline, --replay) take the place of the last prompts of this rank's share.
+        offline_groups = round(args.offline_fraction * per_rank) if pool is not None and len(pool) else 0
+        prompts = prompts[rank * per_rank: (rank + 1) * per_rank][: per_rank - offline_groups]
 
         # ---- rollout, rewards, advantages
-        batch = rollout(model, tokenizer, prompts, args, device)
+        sampler_replay = replay if args.routing_replay == "rollout" else None
+        batch = rollout(model, tokenizer, prompts, args, device, sampler_replay) if prompts else None
         repeated = [p for p in prompts for _ in range(args.group_size)]
-        rewards = torch.tensor(reward_fn(repeated, batch["texts"]), dtype=torch.float32)
+        rewards = torch.tensor(reward_fn(repeated, batch["texts"]) if prompts else [], dtype=torch.float32)
         if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
             raise ValueError(f"reward function must return {len(repeated)} finite floats")
-        grouped = rewards.view(per_rank, args.group_size)
+        grouped = rewards.view(len(prompts), args.group_size)
         advantages = group_advantages(grouped, scale_rewards).flatten().to(device)
         q0 = None
         if config.objective == "spo":
             q0 = softpo.spo_q0(grouped, config.beta).repeat_interleave(args.group_size).to(device)
         rewards = rewards.to(device)
+        online_rows, stored = len(repeated), None
+        if offline_groups:
+            drawn = pool.draw(offline_groups, args.group_size, random.Random(f"offline {args.seed} {step} {rank}"))
+            offline, stored = samples.offline_batch(drawn, tokenizer.pad_token_id, device)
+            batch = samples.concat(batch, offline, tokenizer.pad_token_id)
+            rewards = torch.cat([rewards, stored["rewards"]])
+            advantages = torch.cat([advantages, stored["advantages"]])
+            q0 = None if q0 is None else torch.cat([q0, stored["q0"]])
         targets, mask = batch["targets"], batch["mask"]
 
         # ---- old (and reference) log-probs and the routing they were computed under
         old_logp = torch.empty(mask.shape, device=device)
         ref_logp = torch.empty(mask.shape, device=device) if reference is not None else None
         old_experts = []
+        # Routing replay: the experts this forward used (under R3 forced to the sampler's) are the training forwards'.
+        replayed = None
+        if replay is not None:
+            replayed = torch.empty((*batch["input_ids"].shape, len(replay.routers), top_k), dtype=torch.long,
+                                   device=device)
+        sampled_experts = batch.get("rollout_experts")
         with torch.no_grad():
             for rows in slices:
                 def logprobs(hidden, weight):
                     return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight,
                                                  temperature=args.temperature, impl=args.impl)
 
-                old_logp[rows], router = scored(model, batch, rows, moe, logprobs)
-                if router is not None:
+                force = None if sampled_experts is None else sampled_experts[rows]
+                old_logp[rows], router, used = scored(model, batch, rows, moe, logprobs, replay, force)
+                if used is not None:
+                    replayed[rows] = used
+                    old_experts.append(routing.top_k_sets(used, batch["prompt_length"] - 1))
+                elif router is not None:
                     old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, top_k))
                 if reference is not None:
-                    ref_logp[rows], _ = scored(reference, batch, rows, False, logprobs)
+                    ref_logp[rows], _, _ = scored(reference, batch, rows, False, logprobs)
+        # Offline samples' own sampler log-probs turn on the sampler-mismatch correction; fresh rows weigh 1.
+        rollout_logp = None
+        if stored is not None and stored["behaviour_logp"] is not None and config.objective != "spo":
+            rollout_logp = old_logp.clone()
+            rollout_logp[online_rows:, : stored["behaviour_logp"].shape[1]] = stored["behaviour_logp"]
+        if prompts and (args.save_samples or args.replay):
+            fresh = samples.fresh_groups(step + 1, prompts, batch, rewards, old_logp, args.group_size, tokenizer)
+            if args.save_samples:
+                samples.save(samples_path, step + 1, fresh, world)
 
         # ---- updates: minibatches x epochs, one optimizer step each
         logged = {}
         loads = []
-        for _ in range(args.epochs):
+        for epoch in range(args.epochs):
             for index, rows in enumerate(slices):
                 normalizer = None
                 if config.loss_aggregation == "token-mean":
@@ -591,16 +674,24 @@ def train(args) -> int:
                     return softpo.policy_loss(
                         config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=weight,
                         old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
+                        rollout_logp=None if rollout_logp is None else rollout_logp[rows],
                         rewards=rewards[rows], q0=None if q0 is None else q0[rows],
                         temperature=args.temperature, normalizer=normalizer, impl=args.impl,
                     )
 
-                out, router = scored(model, batch, rows, moe, minibatch_loss)
+                out, router, used = scored(model, batch, rows, moe, minibatch_loss, replay,
+                                           None if replayed is None else replayed[rows])
                 loss = out.loss
+                if replay is not None and epoch == 0 and index == 0:
+                    # Before this step's first update: what replay leaves of the old forward's log-probs.
+                    gap = ((out.logp - old_logp[rows]).abs() * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+                    logged.setdefault("replay_logp_gap", []).append(gap.item())
                 if router is not None:
                     aux, load = load_balancing(router, batch["valid"][rows], num_experts, top_k)
                     loss = loss + aux_coef * aux
-                    changed = (top_k_sets(router, batch["prompt_length"] - 1, top_k) != old_experts[index]).any(-1)
+                    scoring = batch["prompt_length"] - 1
+                    now = top_k_sets(router, scoring, top_k) if used is None else routing.top_k_sets(used, scoring)
+                    changed = (now != old_experts[index]).any(-1)
                     drift = (changed & mask[rows]).sum() / mask[rows].sum().clamp(min=1) / changed.shape[0]
                     logged.setdefault("aux_loss", []).append(aux.item())
                     logged.setdefault("routing_drift", []).append(drift.item())
@@ -616,27 +707,37 @@ def train(args) -> int:
                 for key, value in out.metrics.items():
                     logged.setdefault(key, []).append(value.item())
 
+        if prompts and args.replay:
+            pool.add_step(fresh)
+
         # ---- metrics, progress, checkpoint
         metrics = reduce_metrics(logged, world, device)
-        tokens = mask.sum().float()
-        all_rewards = rewards
+        # Rewards, lengths and generated tokens of the fresh samples; the stored ones are logged apart.
+        tokens = torch.stack([mask.sum(), mask[:online_rows].sum()]).float()
+        all_rewards, stored_rewards = rewards[:online_rows], rewards[online_rows:]
         if world > 1:
             dist.all_reduce(tokens)
-            gathered = [torch.empty_like(rewards) for _ in range(world)]
-            dist.all_gather(gathered, rewards)
-            all_rewards = torch.cat(gathered)
+            # Every rank holds as many fresh and stored rows as the others.
+            all_rewards = gather_rows(all_rewards, world) if online_rows else all_rewards
+            stored_rewards = gather_rows(stored_rewards, world) if stored_rewards.numel() else stored_rewards
+        generated = tokens[1].item()
         elapsed = time.perf_counter() - began
         row = {
             "step": step + 1,
-            "reward_mean": all_rewards.mean().item(),
+            "reward_mean": all_rewards.mean().item() if all_rewards.numel() else None,
             "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-            "completion_length": tokens.item() / all_rewards.numel(),
+            "completion_length": generated / all_rewards.numel() if all_rewards.numel() else None,
+            "offline_fraction": stored_rewards.numel() / (stored_rewards.numel() + all_rewards.numel()),
+            "offline_reward_mean": stored_rewards.mean().item() if stored_rewards.numel() else None,
+            "generated_tokens": generated,
+            "generated_tokens_cumulative": generated + (history[-1]["generated_tokens_cumulative"] if history else 0),
             **{key: metrics.get(key) for key in ("loss", "policy_loss", "total_loss", "kl", "entropy", "ratio_mean",
                                                  "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low",
                                                  "clip_fraction_high", "gate_weight", "log_ratio_seq_var", "q_mean",
-                                                 "routing_drift", "aux_loss", "grad_norm")},
+                                                 "is_weight_mean", "routing_drift", "replay_logp_gap", "aux_loss",
+                                                 "grad_norm")},
             "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
-            "tokens_per_s": tokens.item() / elapsed,
+            "tokens_per_s": tokens[0].item() / elapsed,
             "peak_mem_mb": peak_memory_mb(device),
             "step_time_s": elapsed,
         }
@@ -644,7 +745,8 @@ def train(args) -> int:
         if main_rank:
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
+            shown = math.nan if row["reward_mean"] is None else row["reward_mean"]
+            bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(run_dir, step + 1, model, optimizer, device, world)
             if main_rank and not args.no_progress:
@@ -653,9 +755,10 @@ def train(args) -> int:
 
     if main_rank and history:
         plot(run_dir, history)
-        tenth = max(1, len(history) // 10)
-        first = sum(r["reward_mean"] for r in history[:tenth]) / tenth
-        last = sum(r["reward_mean"] for r in history[-tenth:]) / tenth
+        scored = [r["reward_mean"] for r in history if r["reward_mean"] is not None] or [math.nan]
+        tenth = max(1, len(scored) // 10)
+        first = sum(scored[:tenth]) / tenth
+        last = sum(scored[-tenth:]) / tenth
         largest = max(s.stop - s.start for s in slices) * args.max_new_tokens
         logits_mb = largest * model.lm_head.weight.shape[0] * 4 / 2**20
         print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
