@@ -755,10 +755,10 @@ def train(args) -> int:
 
     if main_rank and history:
         plot(run_dir, history)
-        scored = [r["reward_mean"] for r in history if r["reward_mean"] is not None] or [math.nan]
-        tenth = max(1, len(scored) // 10)
-        first = sum(scored[:tenth]) / tenth
-        last = sum(scored[-tenth:]) / tenth
+        rewarded = [r["reward_mean"] for r in history if r["reward_mean"] is not None] or [math.nan]
+        tenth = max(1, len(rewarded) // 10)
+        first = sum(rewarded[:tenth]) / tenth
+        last = sum(rewarded[-tenth:]) / tenth
         largest = max(s.stop - s.start for s in slices) * args.max_new_tokens
         logits_mb = largest * model.lm_head.weight.shape[0] * 4 / 2**20
         print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
