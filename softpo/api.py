@@ -1,9 +1,16 @@
-"""The public functional API and modules: validation, then dispatch to one vocabulary sweep.
+"""The public functional API and modules.
 
-`token_logprobs` is the sweep alone. `policy_loss` runs the sweep and the objective's O(tokens) math
-from `softpo.objectives`. On the Triton path, token-level policy objectives are fused: the forward
-kernel's epilogue evaluates the gate, so one launch yields the per-token terms and the coefficient
-its backward needs.
+`token_logprobs` is the vocabulary sweep alone. `policy_loss` reads as three steps: validate (every
+input check, value checks read back in one host sync; with a process group, one collective so that
+every rank decides alike), sweep, objective (`softpo.objectives`, the O(tokens) math written once).
+The sweep takes one of three routes (`_route`):
+
+- plain: the log-prob (and entropy) sweep, then the objective in torch. Every objective, both paths,
+  a vocab-parallel group, a compiled call.
+- terms: Triton, token-level objectives: the forward kernel's epilogue evaluates each token's gate
+  and KL, so one launch yields the per-token terms and the coefficient their backward needs.
+- gradient: terms on the hidden path with gradients wanted: the loss is linear in the terms and the
+  entropy, so each logits tile becomes its gradient during the forward sweep (no logits recomputed).
 """
 
 from __future__ import annotations

@@ -348,12 +348,6 @@ def reduce_metrics(values: dict, world: int, device) -> dict:
     return out
 
 
-def gather_rows(tensor, world):
-    gathered = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(gathered, tensor)
-    return torch.cat(gathered)
-
-
 def offline_pool(args, config, tokenizer, model, scale_rewards):
     """The off-policy groups (--offline files, --replay buffer), or None; bad files are a usage error."""
     if not (args.offline or args.replay):
@@ -373,6 +367,9 @@ def offline_pool(args, config, tokenizer, model, scale_rewards):
 
 
 def average_gradients(params, world):
+    """DDP's gradient average, as one flat all-reduce (nothing to do on one rank)."""
+    if world == 1:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -394,25 +391,6 @@ def rng_state(device):
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-def save_checkpoint(run_dir, step, model, optimizer, device, world):
-    states = [rng_state(device)]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, rng_state(device))
-    sharded = distributed.is_sharded(model)
-    if sharded:
-        # Each rank writes its shards; checkpoint.pt (written last) holds the step, RNG states and world size.
-        distributed.save_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, step)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    path = os.path.join(run_dir, "checkpoint.pt")
-    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded}
-    if not sharded:
-        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def plot(run_dir, rows):
@@ -467,7 +445,98 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args) -> int:
-    # ---- setup: arguments, processes, device, tokenizer, models, loss, optimizer, run directory
+    run = setup(args)
+    from tqdm import tqdm
+
+    bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps,
+               disable=not run.main_rank or args.no_progress, dynamic_ncols=True)
+    for step in bar:
+        began = time.perf_counter()
+        data = collect(run, step)
+        logged, loads = update(run, data)
+        row = record(run, step, data, logged, loads, time.perf_counter() - began)
+        if run.main_rank:
+            shown = math.nan if row["reward_mean"] is None else row["reward_mean"]
+            bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(run.run_dir, step + 1, run.model, run.optimizer, run.device, run.world)
+            if run.main_rank and not args.no_progress and data.prompts:
+                bar.write(f"step {step + 1}: {data.prompts[0]!r} -> {data.batch['texts'][0]!r} "
+                          f"(reward {data.rewards[0].item():.2f})")
+    bar.close()
+    finish(run)
+    return 0
+
+
+# ---------------------------------------------------------------- the loop's steps
+
+
+@dataclasses.dataclass
+class Run:
+    """What setup decides once: the processes, the models, the loss, the optimizer, the run directory."""
+
+    args: argparse.Namespace
+    config: softpo.LossConfig
+    task: object
+    reward_fn: object
+    prompt_pool: list | None
+    world: int
+    rank: int
+    device: torch.device
+    tokenizer: object
+    model: torch.nn.Module
+    reference: torch.nn.Module | None
+    moe: bool
+    num_experts: int
+    top_k: int
+    aux_coef: float
+    scale_rewards: bool
+    pool: samples.Pool | None
+    replay: routing.RoutingReplay | None
+    params: list
+    optimizer: torch.optim.Optimizer
+    run_dir: str
+    start: int
+    history: list
+    slices: list
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.args.prompts_per_step // self.world
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.run_dir, "metrics.jsonl")
+
+    @property
+    def samples_path(self) -> str:
+        return os.path.join(self.run_dir, "samples.jsonl")
+
+
+@dataclasses.dataclass
+class Collected:
+    """One step's samples, fresh rows first, then offline ones, with what the updates need of them."""
+
+    prompts: list
+    batch: dict
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    q0: torch.Tensor | None
+    online_rows: int
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    rollout_logp: torch.Tensor | None
+    old_experts: list
+    replayed: torch.Tensor | None
+    fresh: list | None
+
+
+def setup(args) -> Run:
+    """Arguments, processes, device, tokenizer, models (sharded with --fsdp), loss, optimizer, run directory."""
     try:
         check_args(args)
         task = tasks.TASKS[args.task]
@@ -477,7 +546,332 @@ def train(args) -> int:
         config = loss_config(args)
     except ValueError as error:
         raise _UsageError(str(error)) from None
+    world, rank, device = start_processes(args)
+    if args.prompts_per_step % world:
+        raise _UsageError(f"--prompts-per-step ({args.prompts_per_step}) must be divisible by the {world} ranks")
 
+    tokenizer = build_tokenizer(args)
+    # Sharded, the model stays on the CPU until `shard` moves each group's shards to the device.
+    model = build_model(args, tokenizer, torch.device("cpu") if args.fsdp else device)
+    if world > 1:
+        distributed.broadcast_from_first_rank(model, device)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.needs_ref else None
+    if args.fsdp:
+        try:
+            distributed.shard(model, device)
+        except ValueError as error:
+            raise _UsageError(f"--fsdp: {error}") from None
+        if reference is not None:
+            distributed.shard(reference, device)
+    aux_coef = args.router_aux_coef
+    if aux_coef is None:
+        aux_coef = getattr(model.config, "router_aux_loss_coef", 0.001)
+    scale_rewards = (args.scale_rewards or ("none" if config.name == "dr_grpo" else "group")) == "group"
+    replay = None
+    if args.routing_replay != "none":
+        try:
+            replay = routing.RoutingReplay(model)
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows_per_rank = args.prompts_per_step // world * args.group_size
+    minibatch_rows = math.ceil(rows_per_rank / args.minibatches)
+    run = Run(
+        args=args, config=config, task=task, reward_fn=reward_fn, prompt_pool=prompt_pool, world=world, rank=rank,
+        device=device, tokenizer=tokenizer, model=model, reference=reference,
+        moe=bool(getattr(model.config, "num_experts_per_tok", 0)),
+        num_experts=getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0),
+        top_k=getattr(model.config, "num_experts_per_tok", 0), aux_coef=aux_coef, scale_rewards=scale_rewards,
+        pool=offline_pool(args, config, tokenizer, model, scale_rewards), replay=replay, params=params,
+        optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
+        run_dir=args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), start=0, history=[],
+        slices=[slice(i, min(i + minibatch_rows, rows_per_rank)) for i in range(0, rows_per_rank, minibatch_rows)],
+    )
+    if args.resume:
+        load_checkpoint(run)
+    else:
+        if os.path.exists(run.metrics_path):
+            raise _UsageError(f"--out: {run.run_dir} already holds a run; pass --resume {run.run_dir} to continue it")
+        torch.manual_seed(args.seed + 1 + rank)
+    # Every rank has checked and read the run directory before rank 0 rewrites it.
+    barrier(world)
+    if run.main_rank:
+        write_run_directory(run)
+    return run
+
+
+def collect(run: Run, step: int) -> Collected:
+    """This rank's prompts, G samples each (or stored groups, off-policy), rewards, advantages, and the old
+    and reference log-probs with the routing they were computed under."""
+    args, config, device = run.args, run.config, run.device
+    # The same global prompt list on every rank (seeded by step); each rank takes its share, and off-policy
+    # groups (--offline, --replay) take the place of the last prompts of that share.
+    prompt_rng = random.Random(args.seed * 1_000_003 + step)
+    if run.prompt_pool is not None:
+        prompts = [prompt_rng.choice(run.prompt_pool) for _ in range(args.prompts_per_step)]
+    else:
+        prompts = [run.task.sample_prompt(prompt_rng) for _ in range(args.prompts_per_step)]
+    per_rank = run.per_rank
+    offline_groups = round(args.offline_fraction * per_rank) if run.pool is not None and len(run.pool) else 0
+    prompts = prompts[run.rank * per_rank: (run.rank + 1) * per_rank][: per_rank - offline_groups]
+
+    sampler_replay = run.replay if args.routing_replay == "rollout" else None
+    batch = rollout(run.model, run.tokenizer, prompts, args, device, sampler_replay) if prompts else None
+    repeated = [p for p in prompts for _ in range(args.group_size)]
+    rewards = torch.tensor(run.reward_fn(repeated, batch["texts"]) if prompts else [], dtype=torch.float32)
+    if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"reward function must return {len(repeated)} finite floats")
+    grouped = rewards.view(len(prompts), args.group_size)
+    advantages = group_advantages(grouped, run.scale_rewards).flatten().to(device)
+    q0 = None
+    if config.objective == "spo":
+        q0 = softpo.spo_q0(grouped, config.beta).repeat_interleave(args.group_size).to(device)
+    rewards = rewards.to(device)
+    online_rows, stored = len(repeated), None
+    if offline_groups:
+        drawn = run.pool.draw(offline_groups, args.group_size, random.Random(f"offline {args.seed} {step} {run.rank}"))
+        offline, stored = samples.offline_batch(drawn, run.tokenizer.pad_token_id, device)
+        batch = samples.concat(batch, offline, run.tokenizer.pad_token_id)
+        rewards = torch.cat([rewards, stored["rewards"]])
+        advantages = torch.cat([advantages, stored["advantages"]])
+        q0 = None if q0 is None else torch.cat([q0, stored["q0"]])
+
+    old_logp, ref_logp, old_experts, replayed = score_old(run, batch)
+    # Offline samples' own sampler log-probs turn on the sampler-mismatch correction; fresh rows weigh 1.
+    rollout_logp = None
+    if stored is not None and stored["behaviour_logp"] is not None and config.objective != "spo":
+        rollout_logp = old_logp.clone()
+        rollout_logp[online_rows:, : stored["behaviour_logp"].shape[1]] = stored["behaviour_logp"]
+    fresh = None
+    if prompts and (args.save_samples or args.replay):
+        fresh = samples.fresh_groups(step + 1, prompts, batch, rewards, old_logp, args.group_size, run.tokenizer)
+        if args.save_samples:
+            samples.save(run.samples_path, step + 1, fresh, run.world)
+    return Collected(prompts, batch, rewards, advantages, q0, online_rows, old_logp, ref_logp, rollout_logp,
+                     old_experts, replayed, fresh)
+
+
+def score_old(run: Run, batch):
+    """(old log-probs, reference log-probs or None, the old forward's top-k sets per minibatch, the experts
+    to replay or None), no grad. Under routing replay the old forward's experts (under R3 forced to the
+    sampler's) are those every training forward uses."""
+    args, targets, mask = run.args, batch["targets"], batch["mask"]
+    old_logp = torch.empty(mask.shape, device=run.device)
+    ref_logp = torch.empty(mask.shape, device=run.device) if run.reference is not None else None
+    old_experts = []
+    replayed = None
+    if run.replay is not None:
+        replayed = torch.empty((*batch["input_ids"].shape, len(run.replay.routers), run.top_k), dtype=torch.long,
+                               device=run.device)
+    sampled_experts = batch.get("rollout_experts")
+    with torch.no_grad():
+        for rows in run.slices:
+            def logprobs(hidden, weight):
+                return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight,
+                                             temperature=args.temperature, impl=args.impl)
+
+            force = None if sampled_experts is None else sampled_experts[rows]
+            old_logp[rows], router, used = scored(run.model, batch, rows, run.moe, logprobs, run.replay, force)
+            if used is not None:
+                replayed[rows] = used
+                old_experts.append(routing.top_k_sets(used, batch["prompt_length"] - 1))
+            elif router is not None:
+                old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, run.top_k))
+            if run.reference is not None:
+                ref_logp[rows], _, _ = scored(run.reference, batch, rows, False, logprobs)
+    return old_logp, ref_logp, old_experts, replayed
+
+
+def update(run: Run, data: Collected) -> tuple[dict, list]:
+    """Minibatches x epochs, one optimizer step each. Returns the per-update metrics and expert loads."""
+    args, config, batch = run.args, run.config, data.batch
+    targets, mask = batch["targets"], batch["mask"]
+    logged, loads = {}, []
+
+    def log(key, value):
+        logged.setdefault(key, []).append(value)
+
+    for epoch in range(args.epochs):
+        for index, rows in enumerate(run.slices):
+            normalizer = None
+            if config.loss_aggregation == "token-mean":
+                # Gradients are averaged over ranks, so each rank divides by the global count / world.
+                normalizer = sum_over_ranks(mask[rows].sum().float(), run.world).clamp(min=1) / run.world
+
+            def minibatch_loss(hidden, weight):
+                return softpo.policy_loss(
+                    config, targets[rows], mask[rows], data.advantages[rows], hidden=hidden, weight=weight,
+                    old_logp=data.old_logp[rows], ref_logp=None if data.ref_logp is None else data.ref_logp[rows],
+                    rollout_logp=None if data.rollout_logp is None else data.rollout_logp[rows],
+                    rewards=data.rewards[rows], q0=None if data.q0 is None else data.q0[rows],
+                    temperature=args.temperature, normalizer=normalizer, impl=args.impl,
+                )
+
+            out, router, used = scored(run.model, batch, rows, run.moe, minibatch_loss, run.replay,
+                                       None if data.replayed is None else data.replayed[rows])
+            loss = out.loss
+            if run.replay is not None and epoch == 0 and index == 0:
+                # Before this step's first update: what replay leaves of the old forward's log-probs.
+                gap = ((out.logp - data.old_logp[rows]).abs() * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+                log("replay_logp_gap", gap.item())
+            if router is not None:
+                aux, load = load_balancing(router, batch["valid"][rows], run.num_experts, run.top_k)
+                loss = loss + run.aux_coef * aux
+                scoring = batch["prompt_length"] - 1
+                now = top_k_sets(router, scoring, run.top_k) if used is None else routing.top_k_sets(used, scoring)
+                changed = (now != data.old_experts[index]).any(-1)
+                log("aux_loss", aux.item())
+                log("routing_drift", ((changed & mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+                                      / changed.shape[0]).item())
+                loads.append(load)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not args.fsdp:  # FSDP2 reduce-scatters its gradients in the backward
+                average_gradients(run.params, run.world)
+            log("grad_norm", distributed.clip_grad_norm(run.params, args.max_grad_norm).item())
+            run.optimizer.step()
+            log("total_loss", loss.item())
+            for key, value in out.metrics.items():
+                log(key, value.item())
+    if data.fresh is not None and args.replay:
+        run.pool.add_step(data.fresh)
+    return logged, loads
+
+
+METRIC_KEYS = ("loss", "policy_loss", "total_loss", "kl", "entropy", "ratio_mean", "ratio_min", "ratio_max",
+               "clip_fraction", "clip_fraction_low", "clip_fraction_high", "gate_weight", "log_ratio_seq_var",
+               "q_mean", "is_weight_mean", "routing_drift", "replay_logp_gap", "aux_loss", "grad_norm")
+
+
+def record(run: Run, step: int, data: Collected, logged: dict, loads: list, elapsed: float) -> dict:
+    """The step's metrics row (averaged over minibatches and ranks), appended to metrics.jsonl by rank 0."""
+    metrics = reduce_metrics(logged, run.world, run.device)
+    mask, online_rows = data.batch["mask"], data.online_rows
+    # Rewards, lengths and generated tokens of the fresh samples; the stored ones are logged apart.
+    tokens = sum_over_ranks(torch.stack([mask.sum(), mask[:online_rows].sum()]).float(), run.world)
+    fresh_rewards = gather_over_ranks(data.rewards[:online_rows], run.world)
+    stored_rewards = gather_over_ranks(data.rewards[online_rows:], run.world)
+    generated = tokens[1].item()
+    history = run.history
+    row = {
+        "step": step + 1,
+        "reward_mean": fresh_rewards.mean().item() if fresh_rewards.numel() else None,
+        "reward_std": fresh_rewards.std().item() if fresh_rewards.numel() > 1 else 0.0,
+        "completion_length": generated / fresh_rewards.numel() if fresh_rewards.numel() else None,
+        "offline_fraction": stored_rewards.numel() / (stored_rewards.numel() + fresh_rewards.numel()),
+        "offline_reward_mean": stored_rewards.mean().item() if stored_rewards.numel() else None,
+        "generated_tokens": generated,
+        "generated_tokens_cumulative": generated + (history[-1]["generated_tokens_cumulative"] if history else 0),
+        **{key: metrics.get(key) for key in METRIC_KEYS},
+        "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
+        "tokens_per_s": tokens[0].item() / elapsed,
+        "peak_mem_mb": peak_memory_mb(run.device),
+        "step_time_s": elapsed,
+    }
+    history.append(row)
+    if run.main_rank:
+        with open(run.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def finish(run: Run) -> None:
+    """The plot and the closing lines (rank 0), then the processes torn down together."""
+    history = run.history
+    if run.main_rank and history:
+        plot(run.run_dir, history)
+        rewarded = [r["reward_mean"] for r in history if r["reward_mean"] is not None] or [math.nan]
+        tenth = max(1, len(rewarded) // 10)
+        first = sum(rewarded[:tenth]) / tenth
+        last = sum(rewarded[-tenth:]) / tenth
+        largest = max(s.stop - s.start for s in run.slices) * run.args.max_new_tokens
+        logits_mb = largest * run.model.lm_head.weight.shape[0] * 4 / 2**20
+        print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
+        print(f"peak memory: {peak_memory_mb(run.device):.0f} MiB "
+              f"({'CUDA allocated' if run.device.type == 'cuda' else 'process RSS'}); "
+              f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.1f} MiB")
+        print(f"run directory: {run.run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
+    if dist.is_initialized():
+        # Tear down together: a rank that leaves while rank 0 still writes the plot can abort in gloo.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- run directory and checkpoints
+
+
+def save_checkpoint(run_dir, step, model, optimizer, device, world):
+    states = [rng_state(device)]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_state(device))
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        # Each rank writes its shards; checkpoint.pt (written last) holds the step, RNG states and world size.
+        distributed.save_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, step)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = os.path.join(run_dir, "checkpoint.pt")
+    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded}
+    if not sharded:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run: Run) -> None:
+    """--resume: model and optimizer (sharded under --fsdp), this rank's RNG, the step and the metrics so far."""
+    checkpoint_path = os.path.join(run.run_dir, "checkpoint.pt")
+    if not os.path.isfile(checkpoint_path):
+        raise _UsageError(f"--resume: no checkpoint.pt in {run.run_dir}")
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if state["world_size"] != run.world:
+        raise _UsageError(f"--resume: the run used {state['world_size']} ranks, this one has {run.world}")
+    if bool(state.get("sharded")) != run.args.fsdp:
+        raise _UsageError(f"--resume: the run was saved {'with' if state.get('sharded') else 'without'} --fsdp")
+    if run.args.fsdp:
+        try:
+            distributed.load_sharded(os.path.join(run.run_dir, "checkpoint.dcp"), run.model, run.optimizer,
+                                     state["step"])
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][run.rank]["torch"])
+    if run.device.type == "cuda" and "cuda" in state["rng"][run.rank]:
+        torch.cuda.set_rng_state(state["rng"][run.rank]["cuda"], run.device)
+    run.start = state["step"]
+    if os.path.isfile(run.metrics_path):
+        with open(run.metrics_path, encoding="utf-8") as handle:
+            run.history = [row for row in map(json.loads, handle) if row["step"] <= run.start]
+
+
+def write_run_directory(run: Run) -> None:
+    """config.json, metrics.jsonl up to the resumed step, samples.jsonl trimmed to it; the opening line."""
+    os.makedirs(run.run_dir, exist_ok=True)
+    resolved = {
+        "args": dict(vars(run.args)), "loss_config": dataclasses.asdict(run.config),
+        "model_config": run.model.config.to_dict(), "world_size": run.world, "device": str(run.device),
+        "scale_rewards": run.scale_rewards, "router_aux_coef": run.aux_coef,
+        "versions": {"softpo": softpo.__version__, "torch": torch.__version__},
+    }
+    with open(os.path.join(run.run_dir, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(resolved, handle, indent=2, default=str)
+    with open(run.metrics_path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in run.history)
+    samples.truncate(run.samples_path, run.start)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"softpo train: {run.args.model or 'Qwen3-MoE (random init)'}, {n_params / 1e6:.2f}M parameters, "
+          f"loss {run.config.name}, {run.world} process(es) on {run.device}, run dir {run.run_dir}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- processes: one helper per collective pattern
+
+
+def start_processes(args) -> tuple[int, int, torch.device]:
+    """(world, rank, device) from torchrun's environment; gloo on the CPU, nccl on GPUs (one per rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -490,286 +884,27 @@ def train(args) -> int:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(args.threads or 1)
-    if args.prompts_per_step % world:
-        raise _UsageError(f"--prompts-per-step ({args.prompts_per_step}) must be divisible by the {world} ranks")
-    main_rank = rank == 0
+    return world, rank, device
 
-    tokenizer = build_tokenizer(args)
-    # Sharded, the model stays on the CPU until `shard` moves each group's shards to the device.
-    model = build_model(args, tokenizer, torch.device("cpu") if args.fsdp else device)
+
+def barrier(world: int) -> None:
     if world > 1:
-        distributed.broadcast_from_first_rank(model, device)
-    reference = None
-    if config.needs_ref:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    if args.fsdp:
-        try:
-            distributed.shard(model, device)
-        except ValueError as error:
-            raise _UsageError(f"--fsdp: {error}") from None
-        if reference is not None:
-            distributed.shard(reference, device)
-    moe = bool(getattr(model.config, "num_experts_per_tok", 0))
-    num_experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", 0)
-    top_k = getattr(model.config, "num_experts_per_tok", 0)
-    aux_coef = args.router_aux_coef
-    if aux_coef is None:
-        aux_coef = getattr(model.config, "router_aux_loss_coef", 0.001)
-    scale_rewards = (args.scale_rewards or ("none" if config.name == "dr_grpo" else "group")) == "group"
-    pool = offline_pool(args, config, tokenizer, model, scale_rewards)
-    replay = None
-    if args.routing_replay != "none":
-        try:
-            replay = routing.RoutingReplay(model)
-        except ValueError as error:
-            raise _UsageError(str(error)) from None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        dist.barrier()
 
-    run_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    samples_path = os.path.join(run_dir, "samples.jsonl")
-    start = 0
-    history = []
-    if args.resume:
-        checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-        if not os.path.isfile(checkpoint_path):
-            raise _UsageError(f"--resume: no checkpoint.pt in {run_dir}")
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if state["world_size"] != world:
-            raise _UsageError(f"--resume: the run used {state['world_size']} ranks, this one has {world}")
-        if bool(state.get("sharded")) != args.fsdp:
-            raise _UsageError(f"--resume: the run was saved {'with' if state.get('sharded') else 'without'} --fsdp")
-        if args.fsdp:
-            try:
-                distributed.load_sharded(os.path.join(run_dir, "checkpoint.dcp"), model, optimizer, state["step"])
-            except ValueError as error:
-                raise _UsageError(str(error)) from None
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"][rank]["torch"])
-        if use_cuda and "cuda" in state["rng"][rank]:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-        start = state["step"]
-        if os.path.isfile(metrics_path):
-            with open(metrics_path, encoding="utf-8") as handle:
-                history = [row for row in map(json.loads, handle) if row["step"] <= start]
-    else:
-        if os.path.exists(metrics_path):
-            raise _UsageError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} to continue it")
-        torch.manual_seed(args.seed + 1 + rank)
+
+def sum_over_ranks(tensor: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
-        # Every rank has checked and read the run directory before rank 0 rewrites it.
-        dist.barrier()
-    if main_rank:
-        os.makedirs(run_dir, exist_ok=True)
-        resolved = {
-            "args": {k: v for k, v in vars(args).items()}, "loss_config": dataclasses.asdict(config),
-            "model_config": model.config.to_dict(), "world_size": world, "device": str(device),
-            "scale_rewards": scale_rewards, "router_aux_coef": aux_coef,
-            "versions": {"softpo": softpo.__version__, "torch": torch.__version__},
-        }
-        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(resolved, handle, indent=2, default=str)
-        with open(metrics_path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in history)
-        samples.truncate(samples_path, start)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"softpo train: {args.model or 'Qwen3-MoE (random init)'}, {n_params / 1e6:.2f}M parameters, "
-              f"loss {config.name}, {world} process(es) on {device}, run dir {run_dir}", file=sys.stderr)
+        dist.all_reduce(tensor)
+    return tensor
 
-    from tqdm import tqdm
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not main_rank or args.no_progress,
-               dynamic_ncols=True)
-    per_rank = args.prompts_per_step // world
-    rows_per_rank = per_rank * args.group_size
-    minibatch_rows = math.ceil(rows_per_rank / args.minibatches)
-    slices = [slice(i, min(i + minibatch_rows, rows_per_rank)) for i in range(0, rows_per_rank, minibatch_rows)]
-    for step in bar:
-        began = time.perf_counter()
-        # ---- prompts: the same global list on every rank (seeded by step), each rank takes its share
-        prompt_rng = random.Random(args.seed * 1_000_003 + step)
-        if prompt_pool is not None:
-            prompts = [prompt_rng.choice(prompt_pool) for _ in range(args.prompts_per_step)]
-        else:
-            prompts = [task.sample_prompt(prompt_rng) for _ in range(args.prompts_per_step)]
-        # Off-policy groups (--offline, --replay) take the place of the last prompts of this rank's share.
-        offline_groups = round(args.offline_fraction * per_rank) if pool is not None and len(pool) else 0
-        prompts = prompts[rank * per_rank: (rank + 1) * per_rank][: per_rank - offline_groups]
-
-        # ---- rollout, rewards, advantages
-        sampler_replay = replay if args.routing_replay == "rollout" else None
-        batch = rollout(model, tokenizer, prompts, args, device, sampler_replay) if prompts else None
-        repeated = [p for p in prompts for _ in range(args.group_size)]
-        rewards = torch.tensor(reward_fn(repeated, batch["texts"]) if prompts else [], dtype=torch.float32)
-        if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
-            raise ValueError(f"reward function must return {len(repeated)} finite floats")
-        grouped = rewards.view(len(prompts), args.group_size)
-        advantages = group_advantages(grouped, scale_rewards).flatten().to(device)
-        q0 = None
-        if config.objective == "spo":
-            q0 = softpo.spo_q0(grouped, config.beta).repeat_interleave(args.group_size).to(device)
-        rewards = rewards.to(device)
-        online_rows, stored = len(repeated), None
-        if offline_groups:
-            drawn = pool.draw(offline_groups, args.group_size, random.Random(f"offline {args.seed} {step} {rank}"))
-            offline, stored = samples.offline_batch(drawn, tokenizer.pad_token_id, device)
-            batch = samples.concat(batch, offline, tokenizer.pad_token_id)
-            rewards = torch.cat([rewards, stored["rewards"]])
-            advantages = torch.cat([advantages, stored["advantages"]])
-            q0 = None if q0 is None else torch.cat([q0, stored["q0"]])
-        targets, mask = batch["targets"], batch["mask"]
-
-        # ---- old (and reference) log-probs and the routing they were computed under
-        old_logp = torch.empty(mask.shape, device=device)
-        ref_logp = torch.empty(mask.shape, device=device) if reference is not None else None
-        old_experts = []
-        # Routing replay: the experts this forward used (under R3 forced to the sampler's) are the training forwards'.
-        replayed = None
-        if replay is not None:
-            replayed = torch.empty((*batch["input_ids"].shape, len(replay.routers), top_k), dtype=torch.long,
-                                   device=device)
-        sampled_experts = batch.get("rollout_experts")
-        with torch.no_grad():
-            for rows in slices:
-                def logprobs(hidden, weight):
-                    return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight,
-                                                 temperature=args.temperature, impl=args.impl)
-
-                force = None if sampled_experts is None else sampled_experts[rows]
-                old_logp[rows], router, used = scored(model, batch, rows, moe, logprobs, replay, force)
-                if used is not None:
-                    replayed[rows] = used
-                    old_experts.append(routing.top_k_sets(used, batch["prompt_length"] - 1))
-                elif router is not None:
-                    old_experts.append(top_k_sets(router, batch["prompt_length"] - 1, top_k))
-                if reference is not None:
-                    ref_logp[rows], _, _ = scored(reference, batch, rows, False, logprobs)
-        # Offline samples' own sampler log-probs turn on the sampler-mismatch correction; fresh rows weigh 1.
-        rollout_logp = None
-        if stored is not None and stored["behaviour_logp"] is not None and config.objective != "spo":
-            rollout_logp = old_logp.clone()
-            rollout_logp[online_rows:, : stored["behaviour_logp"].shape[1]] = stored["behaviour_logp"]
-        if prompts and (args.save_samples or args.replay):
-            fresh = samples.fresh_groups(step + 1, prompts, batch, rewards, old_logp, args.group_size, tokenizer)
-            if args.save_samples:
-                samples.save(samples_path, step + 1, fresh, world)
-
-        # ---- updates: minibatches x epochs, one optimizer step each
-        logged = {}
-        loads = []
-        for epoch in range(args.epochs):
-            for index, rows in enumerate(slices):
-                normalizer = None
-                if config.loss_aggregation == "token-mean":
-                    # Gradients are averaged over ranks, so each rank divides by the global count / world.
-                    count = mask[rows].sum().float()
-                    if world > 1:
-                        dist.all_reduce(count)
-                    normalizer = count.clamp(min=1) / world
-                def minibatch_loss(hidden, weight):
-                    return softpo.policy_loss(
-                        config, targets[rows], mask[rows], advantages[rows], hidden=hidden, weight=weight,
-                        old_logp=old_logp[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
-                        rollout_logp=None if rollout_logp is None else rollout_logp[rows],
-                        rewards=rewards[rows], q0=None if q0 is None else q0[rows],
-                        temperature=args.temperature, normalizer=normalizer, impl=args.impl,
-                    )
-
-                out, router, used = scored(model, batch, rows, moe, minibatch_loss, replay,
-                                           None if replayed is None else replayed[rows])
-                loss = out.loss
-                if replay is not None and epoch == 0 and index == 0:
-                    # Before this step's first update: what replay leaves of the old forward's log-probs.
-                    gap = ((out.logp - old_logp[rows]).abs() * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
-                    logged.setdefault("replay_logp_gap", []).append(gap.item())
-                if router is not None:
-                    aux, load = load_balancing(router, batch["valid"][rows], num_experts, top_k)
-                    loss = loss + aux_coef * aux
-                    scoring = batch["prompt_length"] - 1
-                    now = top_k_sets(router, scoring, top_k) if used is None else routing.top_k_sets(used, scoring)
-                    changed = (now != old_experts[index]).any(-1)
-                    drift = (changed & mask[rows]).sum() / mask[rows].sum().clamp(min=1) / changed.shape[0]
-                    logged.setdefault("aux_loss", []).append(aux.item())
-                    logged.setdefault("routing_drift", []).append(drift.item())
-                    loads.append(load)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1 and not args.fsdp:
-                    average_gradients(params, world)
-                grad_norm = distributed.clip_grad_norm(params, args.max_grad_norm)
-                optimizer.step()
-                logged.setdefault("grad_norm", []).append(grad_norm.item())
-                logged.setdefault("total_loss", []).append(loss.item())
-                for key, value in out.metrics.items():
-                    logged.setdefault(key, []).append(value.item())
-
-        if prompts and args.replay:
-            pool.add_step(fresh)
-
-        # ---- metrics, progress, checkpoint
-        metrics = reduce_metrics(logged, world, device)
-        # Rewards, lengths and generated tokens of the fresh samples; the stored ones are logged apart.
-        tokens = torch.stack([mask.sum(), mask[:online_rows].sum()]).float()
-        all_rewards, stored_rewards = rewards[:online_rows], rewards[online_rows:]
-        if world > 1:
-            dist.all_reduce(tokens)
-            # Every rank holds as many fresh and stored rows as the others.
-            all_rewards = gather_rows(all_rewards, world) if online_rows else all_rewards
-            stored_rewards = gather_rows(stored_rewards, world) if stored_rewards.numel() else stored_rewards
-        generated = tokens[1].item()
-        elapsed = time.perf_counter() - began
-        row = {
-            "step": step + 1,
-            "reward_mean": all_rewards.mean().item() if all_rewards.numel() else None,
-            "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-            "completion_length": generated / all_rewards.numel() if all_rewards.numel() else None,
-            "offline_fraction": stored_rewards.numel() / (stored_rewards.numel() + all_rewards.numel()),
-            "offline_reward_mean": stored_rewards.mean().item() if stored_rewards.numel() else None,
-            "generated_tokens": generated,
-            "generated_tokens_cumulative": generated + (history[-1]["generated_tokens_cumulative"] if history else 0),
-            **{key: metrics.get(key) for key in ("loss", "policy_loss", "total_loss", "kl", "entropy", "ratio_mean",
-                                                 "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low",
-                                                 "clip_fraction_high", "gate_weight", "log_ratio_seq_var", "q_mean",
-                                                 "is_weight_mean", "routing_drift", "replay_logp_gap", "aux_loss",
-                                                 "grad_norm")},
-            "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
-            "tokens_per_s": tokens[0].item() / elapsed,
-            "peak_mem_mb": peak_memory_mb(device),
-            "step_time_s": elapsed,
-        }
-        history.append(row)
-        if main_rank:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
-            shown = math.nan if row["reward_mean"] is None else row["reward_mean"]
-            bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(run_dir, step + 1, model, optimizer, device, world)
-            if main_rank and not args.no_progress:
-                bar.write(f"step {step + 1}: {prompts[0]!r} -> {batch['texts'][0]!r} (reward {rewards[0].item():.2f})")
-    bar.close()
-
-    if main_rank and history:
-        plot(run_dir, history)
-        rewarded = [r["reward_mean"] for r in history if r["reward_mean"] is not None] or [math.nan]
-        tenth = max(1, len(rewarded) // 10)
-        first = sum(rewarded[:tenth]) / tenth
-        last = sum(rewarded[-tenth:]) / tenth
-        largest = max(s.stop - s.start for s in slices) * args.max_new_tokens
-        logits_mb = largest * model.lm_head.weight.shape[0] * 4 / 2**20
-        print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
-        print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'CUDA allocated' if use_cuda else 'process RSS'}); "
-              f"one minibatch's [tokens, vocab] fp32 logits would take {logits_mb:.1f} MiB")
-        print(f"run directory: {run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
-    if dist.is_initialized():
-        # Tear down together: a rank that leaves while rank 0 still writes the plot can abort in gloo.
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+def gather_over_ranks(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (every rank holds as many as the others)."""
+    if world == 1 or tensor.numel() == 0:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
 
 
 if __name__ == "__main__":
