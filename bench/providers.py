@@ -330,8 +330,6 @@ class SoftpoProvider(Provider):
         return None
 
     def build(self, case, inputs):
-        import softpo
-
         targets = inputs["targets"]
         sweep = {"logits": inputs["logits"]} if case.path == "logits" else {
             "hidden": inputs["hidden"], "weight": inputs["weight"]}

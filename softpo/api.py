@@ -157,8 +157,8 @@ def _check_memory(memory) -> bool:
     return memory == "flat"
 
 
-def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward=False,
-           shard=None, flat_memory=False):
+def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, return_entropy, valid,
+                   inplace_backward=False, shard=None, flat_memory=False):
     """The plain route: per-token log-prob (and entropy) on the chosen path, flat [N] results."""
     if logits is not None:
         logits = logits.reshape(-1, logits.shape[-1])

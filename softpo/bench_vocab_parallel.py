@@ -159,7 +159,8 @@ def markdown(doc: dict) -> str:
         f"SAPO forward and backward on the hidden path, N={case['N']}, H={case['H']}, V={case['V']}, "
         f"{case['dtype']}, impl=torch; the lm_head split over {case['processes']} gloo processes against one "
         f"process holding all of it. One thread per process. Load average at the end: {doc['loadavg_1m']:.2f}.",
-        f"Matmul ceiling of one thread, measured in this run: {doc['ceilings']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+        f"Matmul ceiling of one thread, measured in this run: "
+        f"{doc['ceilings']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
         f"(the single run reaches {100 * s['single_fraction_of_matmul']:.0f}% of it counting 6NHV).",
         "",
         "| run | vocab rows | median time | peak above inputs | of which gradients | working memory |",

@@ -284,7 +284,8 @@ class ChunkedLogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
         logits, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
-        return _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, ctx.args), None, None, None
+        d_logits = _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, ctx.args)
+        return d_logits, None, None, None
 
 
 def _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args):

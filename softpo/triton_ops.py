@@ -389,7 +389,8 @@ def _logprob_op(
 def _(targets, valid, hidden, weight, logits, temperature, return_entropy, flat_memory):
     N = targets.shape[0]
     f32 = dict(dtype=torch.float32)
-    return targets.new_empty(N, **f32), targets.new_empty(N if return_entropy else 0, **f32), targets.new_empty(N, **f32)
+    entropy = targets.new_empty(N if return_entropy else 0, **f32)
+    return targets.new_empty(N, **f32), entropy, targets.new_empty(N, **f32)
 
 
 @torch.library.custom_op("softpo::triton_logprob_backward", mutates_args=())

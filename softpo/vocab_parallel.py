@@ -61,7 +61,8 @@ def agree(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
-    if error is None and vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+    bad_start = vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int))
+    if error is None and bad_start:
         error = f"vocab_start must be an int or None, got {vocab_start!r}"
     if targets is not None:
         device = targets.device
@@ -151,7 +152,8 @@ def combine(shard: VocabShard, logp, lse, entropy, local_targets, valid_rows):
     parts = [weight, torch.where(owned, target_logit, torch.zeros_like(target_logit))]
     if entropy is not None:
         zero = torch.zeros_like(weight)
-        parts += [torch.where(present, weight * entropy[rows], zero), torch.where(present, weight * (lse_r - peak), zero)]
+        parts += [torch.where(present, weight * entropy[rows], zero),
+                  torch.where(present, weight * (lse_r - peak), zero)]
     packed = torch.stack(parts)
     dist.all_reduce(packed, group=shard.group)
     total = packed[0]

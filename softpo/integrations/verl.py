@@ -170,7 +170,8 @@ def _make_policy_loss(name: str):
         if scale is not None:
             cfg = cfg.replace(max_completion_length=int(scale))
         loss, metrics = objectives.policy_objective(
-            cfg, log_prob, mask, advantages, old_logp=old_log_prob, normalizer=normalizer, importance_sampling_ratio=rollout_is_weights,
+            cfg, log_prob, mask, advantages, old_logp=old_log_prob, normalizer=normalizer,
+            importance_sampling_ratio=rollout_is_weights,
         )
         return loss, _metrics(metrics, log_prob, old_log_prob, mask)
 
