@@ -185,11 +185,6 @@ def loss_config(args) -> softpo.LossConfig:
         config = softpo.preset(args.loss, **overrides)
     except (ValueError, TypeError) as error:
         raise ValueError(f"--loss/--set: {error}") from error
-    if config.use_adaptive_entropy:
-        # The controller's state would have to live in the loop and its checkpoints; it does not yet.
-        raise ValueError(
-            "--set use_adaptive_entropy: softpo train keeps entropy_coef constant (see softpo.AdaptiveEntropy)"
-        )
     return config
 
 
@@ -459,7 +454,8 @@ def train(args) -> int:
             shown = math.nan if row["reward_mean"] is None else row["reward_mean"]
             bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(run.run_dir, step + 1, run.model, run.optimizer, run.device, run.world)
+            save_checkpoint(run.run_dir, step + 1, run.model, run.optimizer, run.device, run.world,
+                            {"entropy_control": control_state(run.entropy_control)})
             if run.main_rank and not args.no_progress and data.prompts:
                 bar.write(f"step {step + 1}: {data.prompts[0]!r} -> {data.batch['texts'][0]!r} "
                           f"(reward {data.rewards[0].item():.2f})")
@@ -499,6 +495,8 @@ class Run:
     start: int
     history: list
     slices: list
+    # use_adaptive_entropy: the coefficient's controller, state the loop owns (and checkpoints).
+    entropy_control: softpo.AdaptiveEntropy | None = None
 
     @property
     def main_rank(self) -> bool:
@@ -586,6 +584,7 @@ def setup(args) -> Run:
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
         run_dir=args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), start=0, history=[],
         slices=[slice(i, min(i + minibatch_rows, rows_per_rank)) for i in range(0, rows_per_rank, minibatch_rows)],
+        entropy_control=softpo.AdaptiveEntropy.start(config) if config.use_adaptive_entropy else None,
     )
     if args.resume:
         load_checkpoint(run)
@@ -687,6 +686,8 @@ def update(run: Run, data: Collected) -> tuple[dict, list]:
     args, config, batch = run.args, run.config, data.batch
     targets, mask = batch["targets"], batch["mask"]
     logged, loads = {}, []
+    # top_entropy_quantile < 1: the quantile is over every rank's tokens, as in one process.
+    entropy_gather = (lambda local: gather_varying(local, run.world)) if config.top_entropy_quantile < 1 else None
 
     def log(key, value):
         logged.setdefault(key, []).append(value)
@@ -698,13 +699,17 @@ def update(run: Run, data: Collected) -> tuple[dict, list]:
                 # Gradients are averaged over ranks, so each rank divides by the global count / world.
                 normalizer = sum_over_ranks(mask[rows].sum().float(), run.world).clamp(min=1) / run.world
 
+            # Adaptive entropy: this step's coefficient, from the controller.
+            step_config = config if run.entropy_control is None else run.entropy_control.loss_config(config)
+
             def minibatch_loss(hidden, weight):
                 return softpo.policy_loss(
-                    config, targets[rows], mask[rows], data.advantages[rows], hidden=hidden, weight=weight,
+                    step_config, targets[rows], mask[rows], data.advantages[rows], hidden=hidden, weight=weight,
                     old_logp=data.old_logp[rows], ref_logp=None if data.ref_logp is None else data.ref_logp[rows],
                     rollout_logp=None if data.rollout_logp is None else data.rollout_logp[rows],
                     rewards=data.rewards[rows], q0=None if data.q0 is None else data.q0[rows],
                     temperature=args.temperature, normalizer=normalizer, impl=args.impl,
+                    entropy_gather=entropy_gather,
                 )
 
             out, router, used = scored(run.model, batch, rows, run.moe, minibatch_loss, run.replay,
@@ -730,6 +735,10 @@ def update(run: Run, data: Collected) -> tuple[dict, list]:
                 average_gradients(run.params, run.world)
             log("grad_norm", distributed.clip_grad_norm(run.params, args.max_grad_norm).item())
             run.optimizer.step()
+            if run.entropy_control is not None:
+                # One optimizer step: the step's entropy over every rank moves the coefficient.
+                run.entropy_control = run.entropy_control.observe(out).step(
+                    config, reduce=lambda stats: sum_over_ranks(stats.clone(), run.world))
             log("total_loss", loss.item())
             for key, value in out.metrics.items():
                 log(key, value.item())
@@ -800,7 +809,7 @@ def finish(run: Run) -> None:
 # ---------------------------------------------------------------- run directory and checkpoints
 
 
-def save_checkpoint(run_dir, step, model, optimizer, device, world):
+def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None):
     states = [rng_state(device)]
     if world > 1:
         states = [None] * world
@@ -812,7 +821,7 @@ def save_checkpoint(run_dir, step, model, optimizer, device, world):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     path = os.path.join(run_dir, "checkpoint.pt")
-    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded}
+    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded, **(extra or {})}
     if not sharded:
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     torch.save(state, path + ".tmp")
@@ -843,6 +852,8 @@ def load_checkpoint(run: Run) -> None:
     if run.device.type == "cuda" and "cuda" in state["rng"][run.rank]:
         torch.cuda.set_rng_state(state["rng"][run.rank]["cuda"], run.device)
     run.start = state["step"]
+    if run.entropy_control is not None and state.get("entropy_control") is not None:
+        run.entropy_control = softpo.AdaptiveEntropy(**state["entropy_control"])
     if os.path.isfile(run.metrics_path):
         with open(run.metrics_path, encoding="utf-8") as handle:
             run.history = [row for row in map(json.loads, handle) if row["step"] <= run.start]
@@ -887,6 +898,11 @@ def start_processes(args) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
+def control_state(control):
+    """The adaptive-entropy controller between optimizer steps (its window is empty then), for checkpoint.pt."""
+    return None if control is None else {"coef": control.coef, "last_entropy": control.last_entropy}
+
+
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -896,6 +912,20 @@ def sum_over_ranks(tensor: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def gather_varying(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's 1-d tensor, concatenated in rank order, when ranks hold different lengths."""
+    if world == 1:
+        return tensor
+    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([tensor.numel()], device=tensor.device))
+    longest = int(max(length.item() for length in lengths))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(length.item())] for part, length in zip(gathered, lengths)])
 
 
 def gather_over_ranks(tensor: torch.Tensor, world: int) -> torch.Tensor:

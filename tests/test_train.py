@@ -187,9 +187,9 @@ def test_loss_overrides_reach_the_config(tmp_path):
     (["--reward", "nowhere"], "module:function"),
     (["--steps", "ten"], "invalid int value"),
     (["--resume", "/no/such/run"], "config.json not found"),
-    (["--set", "use_adaptive_entropy=true"], "use_adaptive_entropy"),
+    (["--set", "top_entropy_quantile=1.5"], "top_entropy_quantile"),
 ], ids=["unknown-preset", "missing-dir", "zero-group", "unknown-field", "bad-reward", "not-an-int", "missing-run",
-        "adaptive-entropy"])
+        "bad-quantile"])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, message):
     assert train.main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -262,3 +262,46 @@ def test_local_dense_model_directory(tmp_path):
     assert len(rows) == 2 and all(set(r) == METRIC_KEYS for r in rows)
     assert all(r["routing_drift"] is None and r["aux_loss"] is None and r["expert_load"] is None for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_adaptive_entropy_moves_the_coefficient_and_resumes_exactly(tmp_path):
+    """--set use_adaptive_entropy: the loop owns the controller, moves it once per optimizer step, and
+    its checkpoint carries it: a resumed run equals the uninterrupted one."""
+    common = [*TINY, "--loss", "dapo", "--save-every", "2", "--minibatches", "2",
+              "--set", "use_adaptive_entropy=true", "--set", "entropy_coef=0.01", "--set", "entropy_target=5.0",
+              "--set", "entropy_coef_delta=0.002"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train.main([*common, "--steps", "4", "--out", str(whole)]) == 0
+    assert train.main([*common, "--steps", "2", "--out", str(split)]) == 0
+    saved = torch.load(split / "checkpoint.pt", weights_only=False)["entropy_control"]
+    # 2 steps x 2 minibatches = 4 optimizer steps, each with entropy (a few nats) under the target of 5: up 4 times.
+    assert saved["coef"] == pytest.approx(0.01 + 4 * 0.002) and 0 < saved["last_entropy"] < 5
+    assert train.main(["--resume", str(split), "--steps", "4"]) == 0
+    expected, got = read_metrics(whole), read_metrics(split)
+    for a, b in zip(expected, got):
+        assert {k: a[k] for k in a.keys() - TIMING_KEYS} == {k: b[k] for k in b.keys() - TIMING_KEYS}
+    final = torch.load(whole / "checkpoint.pt", weights_only=False)["entropy_control"]
+    assert final["coef"] == pytest.approx(0.01 + 8 * 0.002)
+
+
+def _gather_varying_worker(rank, world, out_dir):
+    """gather_varying: every rank's entropies, different lengths, in rank order."""
+    local = torch.arange(3 + 2 * rank, dtype=torch.float32) + 10 * rank
+    torch.save(train.gather_varying(local, world), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_gather_varying_concatenates_every_rank(tmp_path):
+    from distributed import run_group
+
+    run_group(_gather_varying_worker, 2, str(tmp_path), timeout_s=120)
+    expected = torch.cat([torch.arange(3.0), torch.arange(5.0) + 10])
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
+def test_top_entropy_quantile_in_the_loop(tmp_path):
+    run = tmp_path / "top"
+    assert train.main([*TINY, "--loss", "dapo", "--steps", "1", "--set", "top_entropy_quantile=0.5",
+                       "--out", str(run)]) == 0
+    (row,) = read_metrics(run)
+    assert torch.isfinite(torch.tensor(row["loss"]))
