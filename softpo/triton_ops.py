@@ -146,7 +146,7 @@ def _forward_tile(sweep: Sweep, z, idx, outputs):
 
 def _backward_tile(z, h, idx, weight, targets, lse, g_logp, entropy, g_entropy, temperature, d_hidden, d_weight):
     """Turn the tile into d logits in place, then add its share of d hidden and d weight."""
-    _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
+    _tile_to_gradient_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
     if d_hidden is not None:
         put(d_hidden, idx, z @ weight)
     if d_weight is not None:
@@ -178,7 +178,7 @@ def _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g
     with _no_autocast(hidden):
         if need_hidden:
             for idx, _, z in _projected_tiles(hidden, weight, rows, FLAT_TILE_BYTES):
-                _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
+                _tile_to_gradient_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature)
                 put(d_hidden, idx, z @ weight)
         if need_weight:
             V, H = weight.shape
@@ -190,13 +190,13 @@ def _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g
                 # Ids local to the block: a target elsewhere matches no column, as in a vocabulary shard.
                 local = targets - v0
                 for idx, h, z in _projected_tiles(hidden, rows_of_block, rows, FLAT_TILE_BYTES):
-                    _tile_grad_(z, idx, local, lse, g_logp, entropy, g_entropy, temperature)
+                    _tile_to_gradient_(z, idx, local, lse, g_logp, entropy, g_entropy, temperature)
                     _accumulate(acc, z.T, h)
                 d_weight[v0:v0 + block] = acc
     return d_hidden, d_weight
 
 
-def _tile_grad_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature):
+def _tile_to_gradient_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature):
     """The logits tile of tokens `idx`, turned in place into d loss / d logits."""
     K.logits_logprob_bwd(
         z, take(targets, idx), take(lse, idx), take(g_logp, idx), entropy=take(entropy, idx),
