@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--tie-embeddings", action="store_true", help="built-in model: lm_head shares the input "
                    "embedding's weight")
+    g.add_argument("--init-from", metavar="RUN_DIR", help="start policy (and reference) from the weights of an "
+                   "earlier run's checkpoint.pt (same model flags; optimizer and step start fresh)")
 
     g = p.add_argument_group("task and sampling")
     g.add_argument("--task", choices=sorted(tasks.TASKS), default="count")
@@ -551,6 +553,9 @@ def setup(args) -> Run:
     tokenizer = build_tokenizer(args)
     # Sharded, the model stays on the CPU until `shard` moves each group's shards to the device.
     model = build_model(args, tokenizer, torch.device("cpu") if args.fsdp else device)
+    if args.init_from:
+        # Before the reference copy: a fine-tuning run's reference is the model it starts from.
+        init_weights(model, args.init_from)
     if world > 1:
         distributed.broadcast_from_first_rank(model, device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.needs_ref else None
@@ -826,6 +831,20 @@ def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None):
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def init_weights(model, run_dir: str) -> None:
+    """--init-from: the weights of an earlier (unsharded) run's checkpoint.pt."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise _UsageError(f"--init-from: no checkpoint.pt in {run_dir}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" not in state:
+        raise _UsageError(f"--init-from: {path} holds sharded weights (checkpoint.dcp); convert it first")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise _UsageError(f"--init-from: the model flags differ from that run's: {str(error).splitlines()[0]}") from None
 
 
 def load_checkpoint(run: Run) -> None:
