@@ -60,10 +60,13 @@ class AdaptiveEntropy:
     def step(self, config: LossConfig, reduce=None) -> "AdaptiveEntropy":
         """End of an optimizer step: the window's mean entropy (summed over processes by `reduce`, a function
         from a tensor to its sum over processes) moves the coefficient, and the window starts again."""
-        if self.window is None:
-            return self
-        window = self.window if reduce is None else reduce(self.window)
-        entropy = (window[0] / window[1].clamp(min=1.0)).item()
+        # Every process reduces, even one that saw no micro-batch, so no process waits in the collective alone.
+        window = torch.zeros(2) if self.window is None else self.window
+        window = window if reduce is None else reduce(window)
+        if window[1].item() == 0:
+            # No token anywhere this step: nothing to move the coefficient by.
+            return dataclasses.replace(self, window=None)
+        entropy = (window[0] / window[1]).item()
         if entropy <= config.entropy_target:
             coef = min(self.coef + config.entropy_coef_delta, config.entropy_coef_max)
         else:

@@ -27,6 +27,8 @@ from .chunked import accumulation_dtype, chunked_token_logprobs
 from .config import LossConfig
 
 IMPLS = ("auto", "torch", "triton")
+# What both sweeps take (fp8 and other float types have no kernel path).
+SWEEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MEMORY_MODES = ("default", "flat")
 
 
@@ -78,8 +80,8 @@ def _check_sweep_inputs(targets, hidden, weight, logits):
     if logits is not None:
         if hidden is not None or weight is not None:
             raise ValueError("pass either logits or hidden and weight, not both")
-        if not logits.dtype.is_floating_point:
-            raise ValueError(f"logits must be a floating tensor, got {logits.dtype}")
+        if logits.dtype not in SWEEP_DTYPES:
+            raise ValueError(f"logits must be one of {SWEEP_DTYPES}, got {logits.dtype}")
         if logits.shape[:-1] != targets.shape or logits.dim() < 1:
             raise ValueError(f"logits must have shape targets.shape + (V,), got {tuple(logits.shape)} for targets {tuple(targets.shape)}")
         if logits.device != targets.device:
@@ -93,12 +95,12 @@ def _check_sweep_inputs(targets, hidden, weight, logits):
         raise ValueError("hidden is required when weight is given")
     if weight is None:
         raise ValueError("weight is required when hidden is given")
-    if not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a floating tensor, got {hidden.dtype}")
+    if hidden.dtype not in SWEEP_DTYPES:
+        raise ValueError(f"hidden must be one of {SWEEP_DTYPES}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V >= 1, got {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V >= 1 and H >= 1, got {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden must have shape targets.shape + (H,) with H = weight.shape[1] = {weight.shape[1]}, "
@@ -177,7 +179,7 @@ def _logprob_sweep(path, flat_targets, hidden, weight, logits, temperature, retu
 
 
 def _decide(validate, process_group, *, vocab_start, reduce_hidden_grad, targets, hidden, weight, logits,
-            where=None):
+            where=None, entropy=False):
     """Run `validate()` (raises ValueError on bad input) and return (its result, the vocabulary shard).
 
     Single process there is no shard and `validate`'s error propagates. With a process group every rank
@@ -190,15 +192,15 @@ def _decide(validate, process_group, *, vocab_start, reduce_hidden_grad, targets
         return validate(), None
     try:
         result, error = validate(), None
-    except ValueError as raised:
-        result, error = None, str(raised)
+    except Exception as raised:  # any failure here must reach the other ranks, not leave them waiting
+        result, error = None, str(raised) if isinstance(raised, ValueError) else f"{type(raised).__name__}: {raised}"
     ok = error is None
     shard = vocab_parallel.agree(
         process_group, error, vocab_start=vocab_start,
         local_vocab=(logits.shape[-1] if logits is not None else weight.shape[0]) if ok else 0,
         hidden_size=-1 if not ok or logits is not None else hidden.shape[-1],
         targets=targets if ok else None, where=where() if ok and where is not None else None,
-        reduce_hidden_grad=reduce_hidden_grad,
+        reduce_hidden_grad=reduce_hidden_grad, entropy=entropy,
     )
     return result, shard
 
@@ -269,7 +271,7 @@ def token_logprobs(
 
     (checked_temperature, path), shard = _decide(
         validate, process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
-        targets=targets, hidden=hidden, weight=weight, logits=logits,
+        targets=targets, hidden=hidden, weight=weight, logits=logits, entropy=bool(return_entropy),
     )
     logp, entropy = _logprob_sweep(
         path, _local_targets(targets.reshape(-1).long(), shard), hidden, weight, logits, checked_temperature,
@@ -449,6 +451,7 @@ def policy_loss(
         ),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
+        entropy=isinstance(config, LossConfig) and config.needs_entropy,
     )
     B, T = targets.shape
     mask = inputs.mask

@@ -198,7 +198,7 @@ def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_l
         if need_hidden else None
     d_weight = None
     if need_weight:
-        d_weight = torch.empty_like(weight) if flat else torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        d_weight = weight.new_empty(weight.shape) if flat else torch.zeros(weight.shape, dtype=acc, device=weight.device)
     V = weight.shape[0]
     state = {}
 
@@ -403,9 +403,10 @@ def _logprob_backward_op(
 def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, token_chunk,
       vocab_chunk, need_hidden, need_weight, flat_memory):
     if logits is not None:
-        return torch.empty_like(logits), lse.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+        return torch.empty_like(logits), lse.new_empty(0)  # zeros_like in the op: the logits' strides
+    # The op allocates contiguous gradients; so must its shape-only twin.
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
 
 
 def _setup_logprob(ctx, inputs, output):

@@ -174,7 +174,9 @@ def vespo_weights(
     log_w = torch.where(mask, log_ratio, zero).sum(-1, keepdim=True)
     if is_weight is not None:
         log_is = torch.log(is_weight).clamp(VESPO_LOG_WEIGHT_MIN, LOG_RATIO_LIMIT)
-        log_w = log_w + torch.where(mask, log_is, zero).sum(-1, keepdim=True)
+        # A per-sequence weight [B, 1] is already the product over the sequence; per-token ones multiply.
+        log_w = log_w + (log_is if log_is.shape[-1] == 1 and logp.shape[-1] != 1 else
+                         torch.where(mask, log_is, zero).sum(-1, keepdim=True))
     log_w = log_w.clamp(VESPO_LOG_WEIGHT_MIN, LOG_RATIO_LIMIT)
     nonnegative = advantages >= 0
     k = torch.where(nonnegative, config.vespo_k_pos, config.vespo_k_neg).to(log_w.dtype)

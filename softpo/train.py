@@ -160,6 +160,10 @@ def check_args(args):
         raise ValueError(f"--model: directory {args.model!r} not found")
     if args.model is not None and args.vocab_size is not None:
         raise ValueError("--vocab-size applies to the built-in model only")
+    if args.fsdp and args.routing_replay == "rollout":
+        # Sharded sampling keeps finished ranks stepping (synced_gpus), and those extra forwards would be
+        # recorded as sampled positions.
+        raise ValueError("--routing-replay rollout is not supported with --fsdp; use --routing-replay old")
     if args.model is not None and args.tie_embeddings:
         raise ValueError("--tie-embeddings applies to the built-in model only (a --model's config decides)")
     if args.prompts is not None and not os.path.isfile(args.prompts):
@@ -587,14 +591,17 @@ def setup(args) -> Run:
         top_k=getattr(model.config, "num_experts_per_tok", 0), aux_coef=aux_coef, scale_rewards=scale_rewards,
         pool=offline_pool(args, config, tokenizer, model, scale_rewards), replay=replay, params=params,
         optimizer=torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
-        run_dir=args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), start=0, history=[],
+        # One name for every rank: the clock may tick between ranks.
+        run_dir=same_on_every_rank(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), world),
+        start=0, history=[],
         slices=[slice(i, min(i + minibatch_rows, rows_per_rank)) for i in range(0, rows_per_rank, minibatch_rows)],
         entropy_control=softpo.AdaptiveEntropy.start(config) if config.use_adaptive_entropy else None,
     )
     if args.resume:
         load_checkpoint(run)
     else:
-        if os.path.exists(run.metrics_path):
+        # Decided on rank 0 for all: a rank that refused alone would leave the others in the barrier.
+        if same_on_every_rank(os.path.exists(run.metrics_path), world):
             raise _UsageError(f"--out: {run.run_dir} already holds a run; pass --resume {run.run_dir} to continue it")
         torch.manual_seed(args.seed + 1 + rank)
     # Every rank has checked and read the run directory before rank 0 rewrites it.
@@ -743,7 +750,7 @@ def update(run: Run, data: Collected) -> tuple[dict, list]:
             if run.entropy_control is not None:
                 # One optimizer step: the step's entropy over every rank moves the coefficient.
                 run.entropy_control = run.entropy_control.observe(out).step(
-                    config, reduce=lambda stats: sum_over_ranks(stats.clone(), run.world))
+                    config, reduce=lambda stats: sum_over_ranks(stats.to(run.device, copy=True), run.world))
             log("total_loss", loss.item())
             for key, value in out.metrics.items():
                 log(key, value.item())
@@ -920,6 +927,15 @@ def start_processes(args) -> tuple[int, int, torch.device]:
 def control_state(control):
     """The adaptive-entropy controller between optimizer steps (its window is empty then), for checkpoint.pt."""
     return None if control is None else {"coef": control.coef, "last_entropy": control.last_entropy}
+
+
+def same_on_every_rank(value, world: int):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def barrier(world: int) -> None:

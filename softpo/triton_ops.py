@@ -174,7 +174,7 @@ def _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g
     """
     alloc = torch.empty if rows is None else torch.zeros
     d_hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    d_weight = torch.empty_like(weight) if need_weight else None
+    d_weight = weight.new_empty(weight.shape) if need_weight else None
     with _no_autocast(hidden):
         if need_hidden:
             for idx, _, z in _projected_tiles(hidden, weight, rows, FLAT_TILE_BYTES):
@@ -419,9 +419,10 @@ def _logprob_backward_op(
 def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, need_hidden,
       need_weight, flat_memory):
     if logits is not None:
-        return torch.empty_like(logits), lse.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+        return logits.new_empty(logits.shape), lse.new_empty(0)
+    # The op allocates contiguous gradients; so must its shape-only twin.
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
 
 
 def _setup_logprob(ctx, inputs, output):

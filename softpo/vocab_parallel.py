@@ -40,6 +40,9 @@ class VocabShard:
 
 # The per-rank facts the agreement gathers, one int64 each.
 _ERROR, _START_GIVEN, _START, _SIZE, _HIDDEN, _TARGET_MIN, _TARGET_MAX = range(7)
+# ...and what must be the same on every rank: the tokens (count, valid count, a checksum of which are valid
+# and of their targets) and whether entropy is swept; the combine's collectives are sized by them.
+_SAME_ON_EVERY_RANK = slice(7, 12)
 
 
 def agree(
@@ -52,6 +55,7 @@ def agree(
     targets: torch.Tensor | None,
     where: torch.Tensor | None = None,
     reduce_hidden_grad: bool = True,
+    entropy: bool = False,
 ) -> VocabShard:
     """Exchange this rank's validation outcome, shard layout and target range, and decide together.
 
@@ -72,11 +76,19 @@ def agree(
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     picked = None if error is not None else (targets if where is None else targets[where])
     has_targets = picked is not None and picked.numel() > 0
+    tokens = [0, 0, 0, 0]
+    if error is None:
+        flat_valid = where.reshape(-1) if where is not None else torch.ones(
+            targets.numel(), dtype=torch.bool, device=device)
+        position = torch.arange(1, targets.numel() + 1, device=device)
+        tokens = [targets.numel(), int(flat_valid.sum()), int((position * flat_valid).sum()),
+                  int((position * targets.reshape(-1).long() * flat_valid).sum())]
     info = torch.tensor(
         [
             error is not None, vocab_start is not None, vocab_start if isinstance(vocab_start, int) else 0,
             local_vocab, hidden_size,
             picked.min().item() if has_targets else 0, picked.max().item() if has_targets else 0,
+            *tokens, bool(entropy),
         ],
         dtype=torch.int64, device=device,
     )
@@ -93,7 +105,16 @@ def agree(
         raise ValueError(f"rank {bad} of the process group: {messages[bad]}")
     _check_layout(table)
     starts, vocab = _starts(table)
+    _check_same_tokens(table)
     return VocabShard(group, starts[rank], local_vocab, vocab, reduce_hidden_grad)
+
+
+def _check_same_tokens(table) -> None:
+    if any(row[_SAME_ON_EVERY_RANK] != table[0][_SAME_ON_EVERY_RANK] for row in table):
+        raise ValueError(
+            "targets, mask and the entropy flag must be the same on every rank of a vocab-parallel group "
+            "(each rank holds a shard of the vocabulary for the same tokens); they differ"
+        )
 
 
 def _check_layout(table) -> None:

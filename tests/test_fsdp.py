@@ -141,6 +141,7 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path, tie):
     # Resumed from the sharded checkpoint of step 2: exactly the straight FSDP2 run, metrics included.
     straight, resumed = _params(tmp_path / "dump-fsdp", 3), _params(tmp_path / "dump-split", 3)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resume differs from the straight run"
+    assert len(read_metrics(split)) == len(read_metrics(fsdp)) == 3
     assert read_metrics(split) == [{**r, **{k: s[k] for k in TIMING_KEYS}}
                                    for r, s in zip(read_metrics(fsdp), read_metrics(split))]
     _same_metrics(read_metrics(ddp), read_metrics(fsdp))

@@ -278,6 +278,7 @@ def test_adaptive_entropy_moves_the_coefficient_and_resumes_exactly(tmp_path):
     assert saved["coef"] == pytest.approx(0.01 + 4 * 0.002) and 0 < saved["last_entropy"] < 5
     assert train.main(["--resume", str(split), "--steps", "4"]) == 0
     expected, got = read_metrics(whole), read_metrics(split)
+    assert len(expected) == len(got) == 4
     for a, b in zip(expected, got):
         assert {k: a[k] for k in a.keys() - TIMING_KEYS} == {k: b[k] for k in b.keys() - TIMING_KEYS}
     final = torch.load(whole / "checkpoint.pt", weights_only=False)["entropy_control"]

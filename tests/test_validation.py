@@ -50,6 +50,13 @@ BAD = [
     pytest.param({"ref_logp": torch.full((B, T), -math.inf)}, "ref_logp", id="inf-ref-logp"),
     pytest.param({"normalizer": 0}, "normalizer", id="zero-normalizer"),
     pytest.param({"impl": "cuda"}, "impl", id="unknown-impl"),
+    # No kernel path for fp8: refused up front, not by an assert below the API.
+    pytest.param({"hidden": torch.randn(B, T, H).to(torch.float8_e4m3fn),
+                  "weight": torch.randn(V, H).to(torch.float8_e4m3fn)}, "hidden", id="fp8-hidden"),
+    pytest.param({"hidden": None, "weight": None, "logits": torch.randn(B, T, V).to(torch.float8_e4m3fn)},
+                 "logits", id="fp8-logits"),
+    pytest.param({"hidden": torch.randn(B, T, 0), "weight": torch.randn(V, 0)}, "weight", id="zero-width"),
+    pytest.param({"memory": "small"}, "memory", id="unknown-memory"),
 ]
 
 

@@ -198,6 +198,8 @@ def _bad_input_worker(rank, world, out_dir):
     bad_targets[1, 2] = V
     nan_advantages = advantages.clone()
     nan_advantages[0] = float("nan")
+    short_mask = mask.clone()
+    short_mask[0, -1] = False
     cases = {
         # The last shard starts one row early: it overlaps its neighbour.
         "overlap": lambda: loss(vocab_start=start - 1 if last else start),
@@ -210,6 +212,11 @@ def _bad_input_worker(rank, world, out_dir):
         "negative-target": lambda: token_logprobs_neg() if rank == 0 else softpo.token_logprobs(
             targets, hidden=hidden, weight=own, process_group=dist.group.WORLD),
         "local-check": lambda: loss(advantages=nan_advantages) if rank == 0 else loss(),
+        "mask-differs": lambda: loss(mask=short_mask) if last else loss(),
+        "entropy-differs": lambda: softpo.token_logprobs(
+            targets, hidden=hidden, weight=own, process_group=dist.group.WORLD, return_entropy=last),
+        "targets-differ": lambda: loss(targets=(targets + 1) % V) if last else loss(),
+        "type-error": lambda: loss(hidden=[1.0]) if rank == 0 else loss(),
         "empty-shard": lambda: softpo.token_logprobs(
             targets, hidden=hidden, weight=own[:0] if last else own, process_group=dist.group.WORLD),
     }
@@ -243,6 +250,10 @@ def test_bad_input_raises_the_same_error_on_every_rank(tmp_path):
         "target": f"targets must lie in \\[0, V={V}\\); rank 2 holds {V}",
         "negative-target": "rank 0 holds -3",
         "local-check": "rank 0 of the process group: advantages must be finite",
+        "mask-differs": "must be the same on every rank",
+        "entropy-differs": "must be the same on every rank",
+        "targets-differ": "must be the same on every rank",
+        "type-error": "rank 0 of the process group: ",
         "empty-shard": "rank 2 of the process group: weight must have shape \\[V, H\\] with V >= 1",
     }
     for name, pattern in expected.items():

@@ -293,7 +293,7 @@ class SoftpoGRPOMixin:
         if control is not None and mode == "train":
             control = control.observe(out)
             if self.accelerator.sync_gradients:
-                control = control.step(config, reduce=lambda t: self.accelerator.reduce(t, reduction="sum"))
+                control = control.step(config, reduce=lambda t: self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum"))
             self.entropy_coef, self._last_world_entropy, self._entropy_window_stats = (
                 control.coef, control.last_entropy, control.window
             )
