@@ -36,23 +36,29 @@ def _entry(rank, world, port, worker, args):
 
 def run_group(worker, world: int, *args, timeout_s: float = 300.0) -> None:
     """Run worker(rank, world, *args) in `world` spawned processes on gloo; raise if any fails or the group
-    outlives `timeout_s`.
+    outlives `timeout_s`."""
+    spawn_with_deadline(_entry, world, lambda: (world, free_port(), worker, args), timeout_s)
+
+
+def spawn_with_deadline(entry, nprocs: int, make_args, timeout_s: float, before_retry=None) -> None:
+    """entry(rank, *make_args()) in `nprocs` spawned processes, killed past `timeout_s`.
 
     Gloo's TCP transport occasionally aborts a rank with SIGABRT early in a run (pytorch/pytorch#188266):
-    such a run is started again, up to three times; any other failure fails the caller.
+    such a run is started again (after `before_retry()`), up to three times; any other failure fails the
+    caller.
     """
     for attempt in range(3):
-        context = mp.start_processes(
-            _entry, args=(world, free_port(), worker, args), nprocs=world, join=False, start_method="spawn"
-        )
+        context = mp.start_processes(entry, args=make_args(), nprocs=nprocs, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=max(0.5, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
                     for process in context.processes:
                         process.kill()
-                    raise TimeoutError(f"process group of {world} still running after {timeout_s:.0f} s")
+                    raise TimeoutError(f"process group of {nprocs} still running after {timeout_s:.0f} s")
             return
         except mp.ProcessExitedException as error:
             if error.signal_name != "SIGABRT" or attempt == 2:
                 raise
+            if before_retry is not None:
+                before_retry()

@@ -14,7 +14,6 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from softpo import distributed, train
 
@@ -60,22 +59,13 @@ def _train_worker(rank, world, port, argv, dump_dir):
         raise SystemExit(1)
 
 
-def _spawn(worker, *args, clean=None):
-    """Two ranks of `worker(rank, 2, port, *args)`. Gloo's TCP transport occasionally aborts a rank early in a
-    run (SIGABRT from a background thread; see tests/test_train.py): such a run is started again after
-    removing `clean`, anything else fails the test."""
-    for attempt in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            mp.spawn(worker, args=(2, port, *args), nprocs=2, join=True)
-            return
-        except mp.ProcessExitedException as error:
-            if error.signal_name != "SIGABRT" or attempt == 2:
-                raise
-            if clean is not None:
-                shutil.rmtree(clean, ignore_errors=True)
+def _spawn(worker, *args, clean=None, timeout_s=900):
+    """Two ranks of `worker(rank, 2, port, *args)`, killed past `timeout_s`; a gloo SIGABRT is retried after
+    removing `clean` (tests/distributed.py)."""
+    from distributed import free_port, spawn_with_deadline
+
+    spawn_with_deadline(worker, 2, lambda: (2, free_port(), *args), timeout_s,
+                        before_retry=None if clean is None else lambda: shutil.rmtree(clean, ignore_errors=True))
 
 
 def _run(argv, dump_dir):

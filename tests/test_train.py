@@ -4,11 +4,9 @@ presets, bad arguments and data parallel. Tiny runs only: the default job (about
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import softpo
 from softpo import tasks, train
@@ -212,21 +210,11 @@ def _ddp_worker(rank, world, port, argv, dump_dir):
         raise SystemExit(1)
 
 
-def _spawn_two_ranks(argv, dump_dir):
-    # Gloo's TCP transport occasionally aborts a rank early in a run (SIGABRT from a background
-    # thread, twice in about 120 runs here; pytorch/pytorch#188266 reports the same abort). That is the
-    # transport, not the training: such a run is started again, anything else fails the test.
-    for attempt in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            mp.spawn(_ddp_worker, args=(2, port, argv, dump_dir), nprocs=2, join=True)
-            return
-        except mp.ProcessExitedException as error:
-            if error.signal_name != "SIGABRT" or attempt == 2:
-                raise
-            shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)
+def _spawn_two_ranks(argv, dump_dir, timeout_s=600):
+    from distributed import free_port, spawn_with_deadline
+
+    spawn_with_deadline(_ddp_worker, 2, lambda: (2, free_port(), argv, dump_dir), timeout_s,
+                        before_retry=lambda: shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True))
 
 
 def test_data_parallel_two_processes_stay_identical(tmp_path):
