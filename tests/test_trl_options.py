@@ -235,3 +235,23 @@ def test_adaptive_entropy_controller():
     assert control.coef == pytest.approx(0.15) and control.applied_coef(config.replace(entropy_target=0.1)) == 0.0
     with pytest.raises(ValueError, match="use_adaptive_entropy"):
         softpo.AdaptiveEntropy.start(softpo.DAPO)
+
+
+def test_vespo_counts_a_per_sequence_sampler_weight_once():
+    """A [B, 1] sampler weight is already the sequence's product: it enters VESPO's log w once, as the same
+    weight carried by a single token of the sequence would."""
+    from softpo import objectives
+
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 5
+    logp = torch.randn(B, T, generator=g, dtype=torch.float64) - 2
+    old = logp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    adv = torch.tensor([[1.0], [-1.0], [0.5]], dtype=torch.float64)
+    per_sequence = torch.tensor([[2.0], [0.5], [1.5]], dtype=torch.float64)
+    on_first_token = torch.ones(B, T, dtype=torch.float64)
+    on_first_token[:, 0] = per_sequence[:, 0]
+    got = objectives.vespo_weights(softpo.VESPO, logp, old, mask, adv, per_sequence)
+    expected = objectives.vespo_weights(softpo.VESPO, logp, old, mask, adv, on_first_token)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
