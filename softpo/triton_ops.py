@@ -527,7 +527,8 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
         gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
-        # is_weight is the raw sampler ratio: the epilogue bounds it (objectives.bound_rollout_weights).
+        # is_weight is the raw sampler ratio, which the epilogue bounds (objectives.bound_rollout_weights), or a
+        # caller-supplied weight, under a config whose bounds keep it as given (api._fused_sweep).
         is_bound=K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
         is_lo=config.vllm_importance_sampling_clip_min or 0.0,
         is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
