@@ -308,10 +308,10 @@ class Provider:
 
 class SoftpoProvider(Provider):
     def __init__(self, impl: str, compiled: bool = False):
-        # Token-level objectives on the Triton hidden path form the gradient in the forward sweep;
-        # sequence-level ones (GSPO, SPO), the chunked torch path and a compiled step (which takes the
-        # plain route) recompute the logits.
-        self.recomputes_logits = ["gspo", "spo"] if impl == "triton" and not compiled else True
+        # The Triton hidden path forms the gradient in the forward sweep: token-level objectives in every
+        # tile, sequence-level ones (GSPO, SPO) in tiles of whole sequences (every case's 2048-token rows
+        # fit one). The chunked torch path and a compiled step (the plain route) recompute the logits.
+        self.recomputes_logits = not (impl == "triton" and not compiled)
         self.impl = impl
         self.compiled = compiled
         self.name = "softpo-compile" if compiled else f"softpo-{impl}"

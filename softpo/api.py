@@ -459,7 +459,18 @@ def policy_loss(
     valid = None if inputs.every_token_valid else mask.reshape(-1)
     route = _route(config, inputs, hidden, weight, shard)
     surrogate = terms = None
-    if route == "plain":
+    tiles = None
+    if route == "sequence-gradient":
+        tiles = _triton_ops().sequence_tiles(mask.reshape(-1), T, weight.shape[0], hidden.element_size())
+        route = "plain" if tiles is None else route  # a sequence longer than a tile: two passes
+    if route == "sequence-gradient":
+        surrogate, logp, entropy = _triton_ops().triton_sequence_loss(
+            flat_targets, tiles, _sequence_gradients(config, inputs, normalizer, entropy_gather,
+                                                  accumulation_dtype(hidden.dtype)),
+            hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, temperature=inputs.temperature,
+            return_entropy=config.needs_entropy,
+        )
+    elif route == "plain":
         logp, entropy = _logprob_sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
                                        config.needs_entropy, valid, shard=shard, flat_memory=inputs.flat_memory)
     else:
@@ -483,7 +494,7 @@ def policy_loss(
 
 
 def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
-    """Which of the three routes computes the loss.
+    """Which of the routes computes the loss.
 
     "plain": the log-prob sweep, then the objective in torch (every objective, every path).
     "terms": Triton, token-level objectives: the forward kernel's epilogue evaluates each token's
@@ -491,20 +502,58 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
     "gradient": "terms" on the hidden path with gradients wanted: the loss is linear in the terms
         and the entropy, so each logits tile becomes its gradient during the forward sweep (not with
         memory="flat": it holds a V x H fp32 d weight accumulator from the forward to the backward).
+    "sequence-gradient": "gradient" for sequence-level objectives (GSPO, GSPO-token, LUSPO, VESPO, SPO):
+        their per-token gradients need only their own sequence's log-probs, so tiles that hold whole
+        sequences can form them in the forward too (a sequence longer than a tile falls back to "plain").
+        Not with a top-entropy quantile, whose threshold couples every token of the batch.
     A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain";
     so does a compiled call (torch.compile sees the plain sweep as one opaque op).
     """
-    fusable = (
-        inputs.path == "triton"
-        and not torch.compiler.is_compiling()
-        and shard is None
-        and config.per_token_terms
-        and (inputs.rollout_logp is None or inputs.old_logp is not None)
-    )
-    if not fusable:
+    if inputs.path != "triton" or torch.compiler.is_compiling() or shard is not None:
         return "plain"
     wants_grad = hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return "gradient" if wants_grad and not inputs.flat_memory else "terms"
+    if config.per_token_terms:
+        if inputs.rollout_logp is not None and inputs.old_logp is None:
+            return "plain"
+        return "gradient" if wants_grad and not inputs.flat_memory else "terms"
+    if wants_grad and not inputs.flat_memory and config.top_entropy_quantile == 1:
+        return "sequence-gradient"
+    return "plain"
+
+
+def _sequence_gradients(config, inputs: _LossInputs, normalizer, entropy_gather, dtype):
+    """tile_gradients for the "sequence-gradient" route: d loss / d logp (and d loss / d entropy) of a tile's
+    tokens, by autograd through the objective itself.
+
+    The loss is a sum over sequences of terms that read only their own sequence (and a normalizer fixed by
+    the mask), so the tile's gradient is the same whatever the log-probs of the other sequences hold: they
+    stay at a finite stand-in (old_logp, or 0) and the objective is evaluated on the whole batch.
+    """
+    B, T = inputs.mask.shape
+    stand_in = inputs.old_logp if inputs.old_logp is not None else torch.zeros(B, T, dtype=dtype,
+                                                                               device=inputs.mask.device)
+    stand_in = stand_in.reshape(-1)
+
+    def tile_gradients(idx, logp, entropy):
+        with torch.enable_grad():
+            tile_logp = logp[idx].to(stand_in.dtype).requires_grad_()
+            leaves = [tile_logp]
+            full_entropy = None
+            if config.needs_entropy:
+                tile_entropy = entropy[idx].to(stand_in.dtype).requires_grad_()
+                leaves.append(tile_entropy)
+                full_entropy = torch.zeros_like(stand_in).index_put((idx,), tile_entropy).view(B, T)
+            full_logp = stand_in.index_put((idx,), tile_logp).view(B, T)
+            loss, _ = objectives.policy_objective(
+                config, full_logp, inputs.mask, inputs.advantages,
+                old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
+                rewards=inputs.rewards, q0=inputs.q0, entropy=full_entropy, normalizer=normalizer,
+                importance_sampling_ratio=inputs.importance_sampling_ratio, entropy_gather=entropy_gather,
+            )
+            grads = torch.autograd.grad(loss, leaves)
+        return grads[0].float(), (grads[1].float() if config.needs_entropy else None)
+
+    return tile_gradients
 
 
 def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden, weight, logits, normalizer):

@@ -114,12 +114,39 @@ def _projected_tiles(hidden, weight, rows, tile_bytes=None):
     if n == 0:
         return
     step = _tile_rows(n, V, hidden.element_size(), tile_bytes)
-    tile = torch.empty(step, V, dtype=hidden.dtype, device=hidden.device)
-    for idx in chunks(n, step, rows):
+    yield from _tiles_over(hidden, weight, chunks(n, step, rows), step)
+
+
+def _tiles_over(hidden, weight, indices, max_rows):
+    """(idx, hidden rows, logits tile) for each index in `indices` (at most `max_rows` rows each)."""
+    tile = torch.empty(max_rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for idx in indices:
         h = take(hidden, idx)
         z = tile[: h.shape[0]]
         torch.mm(h, weight.T, out=z)
         yield idx, h, z
+
+
+def sequence_tiles(valid, seq_len: int, V: int, element_size: int):
+    """Tiles of whole sequences for the gradient-in-forward route of sequence-level objectives: positions of
+    the valid tokens of consecutive sequences (rows of [B, seq_len]), as many as fit one tile. None when one
+    sequence alone exceeds a tile; then the objective needs the two-pass route."""
+    N = valid.numel()
+    rows = valid.nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return None
+    capacity = _tile_rows(N, V, element_size)
+    counts = torch.bincount(rows // seq_len, minlength=N // seq_len).tolist()
+    if max(counts) > capacity:
+        return None
+    tiles, start, size = [], 0, 0
+    for count in counts:
+        if size + count > capacity:
+            tiles.append(rows[start:start + size])
+            start, size = start + size, 0
+        size += count
+    tiles.append(rows[start:start + size])
+    return [t for t in tiles if t.numel()]
 
 
 def _no_autocast(tensor):
@@ -278,37 +305,49 @@ def _hidden_backward(hidden, weight, targets, rows, lse, entropy, g_logp, g_entr
     return d_hidden, d_weight
 
 
-class HiddenFusedLossFunction(torch.autograd.Function):
-    """A token-level objective's loss from hidden [N, H] and weight [V, H], its gradients made in the forward.
+class HiddenGradientInForwardFunction(torch.autograd.Function):
+    """An objective's loss from hidden [N, H] and weight [V, H], its gradients made during the forward sweep.
 
-    With `weights` = (d loss / d term, d loss / d entropy or None), fp32 [N], known before the sweep
-    (the loss is linear in both), each tile becomes its own gradient right after its forward sweep:
-    three matmuls of 2NHV instead of four, no logits recomputed. Returns (surrogate, term, entropy,
-    logp): the surrogate sum(w_term * term) + sum(w_entropy * entropy) carries the precomputed
-    gradients (scaled by its incoming gradient); the others are detached.
+    `tile_gradients(idx, outputs)` gives d loss / d logp and d loss / d entropy (or None) of a tile's tokens
+    from the sweep's outputs so far (logp, lse, entropy, term, coef): a token-level objective's are known
+    before the sweep (the loss is linear in its terms and the entropy); a sequence-level one's are known
+    once the tile's whole sequences have their log-probs, so its tiles hold whole sequences (`tiles`). Each
+    tile then becomes its own gradient right after its forward sweep: three matmuls of 2NHV, no logits
+    recomputed. Returns (surrogate, entropy, logp, term): the surrogate carries the precomputed gradients
+    (scaled by its incoming gradient); the others are detached.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, sweep: Sweep, w_term, w_entropy):
+    def forward(ctx, hidden, weight, sweep: Sweep, tiles, tile_gradients):
         _check_hidden(hidden, weight, sweep.targets)
-        rows = _valid_rows(sweep)
+        # None: every token is valid and the tiles write every row; else masked rows start at zero.
+        rows = _valid_rows(sweep) if tiles is None else torch.cat(tiles)
         outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
-        logp, lse, entropy, term, coef = outputs
+        logp, lse, entropy, term, _ = outputs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
-        g_logp = torch.zeros_like(coef)
+        g_logp = torch.zeros_like(logp)
+        g_entropy = None
+        if tiles is None:
+            tiled = _projected_tiles(hidden, weight, rows)
+        else:
+            tiled = _tiles_over(hidden, weight, tiles, max(t.numel() for t in tiles))
         with _no_autocast(hidden):
-            for idx, h, z in _projected_tiles(hidden, weight, rows):
+            for idx, h, z in tiled:
                 _forward_tile(sweep, z, idx, outputs)
-                put(g_logp, idx, take(w_term, idx) * take(coef, idx))
-                _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, w_entropy,
+                g_logp_tile, g_entropy_tile = tile_gradients(idx, outputs)
+                put(g_logp, idx, g_logp_tile)
+                if g_entropy_tile is not None:
+                    g_entropy = torch.zeros_like(logp) if g_entropy is None else g_entropy
+                    put(g_entropy, idx, g_entropy_tile)
+                _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, g_entropy,
                                sweep.temperature, d_hidden, d_weight)
-        surrogate = (w_term * term).sum()
-        if w_entropy is not None:
-            surrogate = surrogate + (w_entropy * entropy).sum()
+        surrogate = (g_logp * logp).sum()
+        if g_entropy is not None:
+            surrogate = surrogate + (g_entropy * entropy).sum()
         ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
-        ctx.mark_non_differentiable(term, logp, *([] if entropy is None else [entropy]))
-        return surrogate, term, entropy, logp
+        ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
+        return surrogate, entropy, logp, term
 
     @staticmethod
     @once_differentiable
@@ -457,10 +496,10 @@ def _on_device(device: torch.device):
 
 
 def _apply(targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
-           loss_weights=None, shard=None, flat_memory=False):
+           gradients=None, shard=None, flat_memory=False):
     """The autograd Function that fits the inputs, applied on the tensors' device."""
     assert (logits is None) != (hidden is None or weight is None), "logits, or hidden and weight"
-    assert loss_weights is None or (hidden is not None and terms is not None)
+    assert gradients is None or hidden is not None
     assert not inplace_backward or logits is not None, "inplace_backward is the logits path's"
     assert valid is None or (valid.dtype == torch.bool and valid.shape == targets.shape)
     row_idx, n_valid = valid_first(valid)
@@ -468,9 +507,9 @@ def _apply(targets, hidden, weight, logits, temperature, return_entropy, valid, 
         targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), bool(inplace_backward), terms,
         shard, bool(flat_memory),
     )
-    if loss_weights is not None:
+    if gradients is not None:
         with _on_device(targets.device):
-            return HiddenFusedLossFunction.apply(hidden, weight, sweep, *loss_weights)
+            return HiddenGradientInForwardFunction.apply(hidden, weight, sweep, *gradients)
     if logits is not None:
         with _on_device(targets.device):
             return LogitsLogprobFunction.apply(logits, sweep)
@@ -562,12 +601,45 @@ def triton_fused_token_loss(
     for w in (w_term, w_entropy):
         assert w is None or (w.shape == targets.shape and w.dtype == torch.float32 and w.device == targets.device)
     terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
-    weights = (w_term.contiguous(), None if w_entropy is None else w_entropy.contiguous())
-    surrogate, term, entropy, logp = _apply(
+    w_term = w_term.contiguous()
+
+    def tile_gradients(idx, outputs):
+        # The term's gradient is its weight times d term / d logp, which the epilogue just wrote (coef).
+        return take(w_term, idx) * take(outputs[4], idx), take(w_entropy, idx)
+
+    surrogate, entropy, logp, term = _apply(
         targets, hidden, weight, None, temperature, return_entropy or w_entropy is not None, valid, False, terms,
-        loss_weights=weights,
+        gradients=(None, tile_gradients),
     )
     return surrogate, term, logp, entropy
+
+
+def triton_sequence_loss(
+    targets: torch.Tensor,
+    tiles: list,
+    tile_gradients,
+    *,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """A sequence-level objective on the hidden path with its gradients formed in the forward.
+
+    tiles: `sequence_tiles` of the batch (valid tokens of whole sequences); tile_gradients(idx, logp [N],
+    entropy [N] or None) -> (d loss / d logp, d loss / d entropy or None) of the tokens `idx`, from the
+    objective on the log-probs known so far (every sequence of the tile is complete). Returns
+    (surrogate, logp, entropy or None) as `triton_fused_token_loss` does.
+    """
+
+    def from_outputs(idx, outputs):
+        return tile_gradients(idx, outputs[0], outputs[2])
+
+    surrogate, entropy, logp, _ = _apply(
+        targets, hidden, weight, None, temperature, return_entropy, None, False, None,
+        gradients=(tiles, from_outputs),
+    )
+    return surrogate, logp, entropy
 
 
 def triton_fused_token_terms(

@@ -88,8 +88,8 @@ def test_flat_token_logprobs_with_entropy(impl):
 def test_flat_skips_the_gradient_in_the_forward(monkeypatch):
     """The gradient-in-forward route holds a V x H fp32 d weight from forward to backward: not with flat."""
     calls = []
-    real = triton_ops.HiddenFusedLossFunction.apply
-    monkeypatch.setattr(triton_ops.HiddenFusedLossFunction, "apply",
+    real = triton_ops.HiddenGradientInForwardFunction.apply
+    monkeypatch.setattr(triton_ops.HiddenGradientInForwardFunction, "apply",
                         staticmethod(lambda *a: calls.append(1) or real(*a)))
     hidden, weight, targets, mask = _inputs(2)
     for memory, expected in (("default", 1), ("flat", 1)):
