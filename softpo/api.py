@@ -3,7 +3,7 @@
 `token_logprobs` is the vocabulary sweep alone. `policy_loss` reads as three steps: validate (every
 input check, value checks read back in one host sync; with a process group, one collective so that
 every rank decides alike), sweep, objective (`softpo.objectives`, the O(tokens) math written once).
-The sweep takes one of three routes (`_route`):
+The sweep takes one of four routes (`_route`):
 
 - plain: the log-prob (and entropy) sweep, then the objective in torch. Every objective, both paths,
   a vocab-parallel group, a compiled call.
@@ -11,6 +11,8 @@ The sweep takes one of three routes (`_route`):
   and KL, so one launch yields the per-token terms and the coefficient their backward needs.
 - gradient: terms on the hidden path with gradients wanted: the loss is linear in the terms and the
   entropy, so each logits tile becomes its gradient during the forward sweep (no logits recomputed).
+- sequence-gradient: the same for sequence-level objectives, with tiles of whole sequences whose
+  per-token gradients come from the objective by autograd once the tile's log-probs are known.
 """
 
 from __future__ import annotations
