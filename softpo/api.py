@@ -536,12 +536,15 @@ def _sequence_gradients(config, inputs: _LossInputs, normalizer, entropy_gather,
                                                                                device=inputs.mask.device)
     stand_in = stand_in.reshape(-1)
 
+    # Entropy computed for the metrics only (entropy_coef 0) has no gradient to give.
+    entropy_in_loss = config.entropy_coef != 0
+
     def tile_gradients(idx, logp, entropy):
         with torch.enable_grad():
             tile_logp = logp[idx].to(stand_in.dtype).requires_grad_()
             leaves = [tile_logp]
             full_entropy = None
-            if config.needs_entropy:
+            if entropy_in_loss:
                 tile_entropy = entropy[idx].to(stand_in.dtype).requires_grad_()
                 leaves.append(tile_entropy)
                 full_entropy = torch.zeros_like(stand_in).index_put((idx,), tile_entropy).view(B, T)
@@ -553,7 +556,7 @@ def _sequence_gradients(config, inputs: _LossInputs, normalizer, entropy_gather,
                 importance_sampling_ratio=inputs.importance_sampling_ratio, entropy_gather=entropy_gather,
             )
             grads = torch.autograd.grad(loss, leaves)
-        return grads[0].float(), (grads[1].float() if config.needs_entropy else None)
+        return grads[0].float(), (grads[1].float() if entropy_in_loss else None)
 
     return tile_gradients
 

@@ -16,6 +16,8 @@ B, T, H, V = 5, 6, 16, 97
 
 CONFIGS = [
     pytest.param(softpo.GSPO, False, id="gspo"),
+    # Entropy swept for the metrics only, as softpo train and the TRL drop-in ask: no entropy gradient.
+    pytest.param(softpo.GSPO.replace(compute_entropy=True), False, id="gspo-entropy-metric"),
     pytest.param(softpo.GSPO_TOKEN.replace(entropy_coef=0.02), False, id="gspo-token-entropy"),
     pytest.param(softpo.GSPO.replace(beta=0.04, use_bias_correction_kl=True), False, id="gspo-kl"),
     pytest.param(softpo.SPO, False, id="spo"),
