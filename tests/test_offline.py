@@ -11,15 +11,8 @@ import torch
 import softpo
 from softpo import samples, tasks, train
 
-TINY = ["--hidden-size", "32", "--layers", "1", "--experts", "4", "--prompts-per-step", "4", "--group-size", "4",
-        "--no-progress", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# The tiny model of test_train, and its fixture that restores the thread count main() pins.
+from test_train import TINY, _restore_threads  # noqa: E402, F401
 
 
 def read_jsonl(path):

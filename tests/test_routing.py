@@ -9,15 +9,10 @@ import torch
 import softpo
 from softpo import routing, tasks, train
 
-TINY = ["--hidden-size", "32", "--layers", "2", "--experts", "4", "--prompts-per-step", "4", "--group-size", "4",
-        "--no-progress", "--threads", "1"]
+from test_train import TINY as ONE_LAYER, _restore_threads  # noqa: E402, F401
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# Two MoE layers: replay is keyed by layer.
+TINY = [*ONE_LAYER[:2], "--layers", "2", *ONE_LAYER[4:]]
 
 
 def tiny_moe(kind, norm_topk_prob=True):
