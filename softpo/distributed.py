@@ -136,8 +136,10 @@ def _state(model, optimizer):
 def save_sharded(path: str, model, optimizer, step: int) -> None:
     """Write model and optimizer shards as a DCP directory at `path` (all ranks call it).
 
-    It is written beside `path` and moved into place once every rank has finished, so an interrupted save
-    leaves the previous checkpoint whole; `step` is stored with it so a load can check it got the right one.
+    It is written beside `path` and moved into place once every rank has finished, and the one before it
+    stays as `path.previous` until the next save: a save interrupted before checkpoint.pt (which names the
+    step) was rewritten leaves a matching pair either way. `step` is stored with the shards so that a load
+    picks the right one.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -155,7 +157,6 @@ def save_sharded(path: str, model, optimizer, step: int) -> None:
         if os.path.isdir(path):
             os.replace(path, previous)
         os.replace(partial, path)
-        shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
 
 
@@ -167,10 +168,18 @@ def load_sharded(path: str, model, optimizer, step: int) -> None:
     if not os.path.isdir(path):
         raise ValueError(f"--resume: {path} not found")
     state = _state(model, optimizer)
+    for candidate in (path, path + ".previous"):
+        # The step first: a save interrupted after the shards moved but before checkpoint.pt was rewritten
+        # leaves checkpoint.pt naming the previous shards.
+        probe = {"step": torch.tensor(-1)}
+        if os.path.isdir(candidate):
+            dcp.load(probe, checkpoint_id=candidate)
+        if int(probe["step"]) == step:
+            break
+    else:
+        raise ValueError(f"--resume: no shards of step {step} (checkpoint.pt's) in {path} or {path}.previous")
     state["step"] = torch.tensor(-1)
-    dcp.load(state, checkpoint_id=path)
-    if int(state["step"]) != step:
-        raise ValueError(f"--resume: {path} holds step {int(state['step'])}, checkpoint.pt says step {step}")
+    dcp.load(state, checkpoint_id=candidate)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

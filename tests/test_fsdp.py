@@ -321,3 +321,21 @@ def test_resume_refuses_a_change_of_sharding(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "--resume: the run was saved without --fsdp" in done.stderr
     assert [r["step"] for r in read_metrics(run)] == [1]
+
+
+def test_resume_after_a_save_interrupted_before_checkpoint_pt(tmp_path):
+    """The shards of step 2 moved into place, checkpoint.pt still naming step 1 (a crash in between): the
+    resume finds step 1's shards in checkpoint.dcp.previous and redoes step 2 exactly."""
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    _run([*COMMON, "--fsdp", "--steps", "1", "--save-every", "1", "--out", str(run)], dump)
+    after_step_1 = (run / "checkpoint.pt").read_bytes()
+    _run(["--resume", str(run), "--steps", "2"], dump)
+    first = read_metrics(run)
+    assert (run / "checkpoint.dcp.previous").is_dir() and len(first) == 2
+    (run / "checkpoint.pt").write_bytes(after_step_1)
+    _run(["--resume", str(run), "--steps", "2"], dump)
+    again = read_metrics(run)
+    assert len(again) == 2
+    assert {k: v for k, v in again[1].items() if k not in TIMING_KEYS} == \
+        {k: v for k, v in first[1].items() if k not in TIMING_KEYS}
