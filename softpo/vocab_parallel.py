@@ -74,24 +74,29 @@ def agree(
         # NCCL only moves CUDA tensors; gloo takes CPU ones.
         nccl = dist.get_backend(group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    picked = None if error is not None else (targets if where is None else targets[where])
-    has_targets = picked is not None and picked.numel() > 0
-    tokens = [0, 0, 0, 0]
-    if error is None:
-        flat_valid = where.reshape(-1) if where is not None else torch.ones(
-            targets.numel(), dtype=torch.bool, device=device)
-        position = torch.arange(1, targets.numel() + 1, device=device)
-        tokens = [targets.numel(), int(flat_valid.sum()), int((position * flat_valid).sum()),
-                  int((position * targets.reshape(-1).long() * flat_valid).sum())]
-    info = torch.tensor(
-        [
-            error is not None, vocab_start is not None, vocab_start if isinstance(vocab_start, int) else 0,
-            local_vocab, hidden_size,
-            picked.min().item() if has_targets else 0, picked.max().item() if has_targets else 0,
-            *tokens, bool(entropy),
-        ],
-        dtype=torch.int64, device=device,
+    # Built on the device and read back once, after the all-gather: no host sync per fact.
+    settings = torch.tensor(
+        [error is not None, vocab_start is not None, vocab_start if isinstance(vocab_start, int) else 0,
+         local_vocab, hidden_size], dtype=torch.int64, device=device,
     )
+    if error is None:
+        flat_targets = targets.reshape(-1).long()
+        valid = torch.ones_like(flat_targets, dtype=torch.bool) if where is None else where.reshape(-1)
+        position = torch.arange(1, flat_targets.numel() + 1, device=device)
+        # With no valid token the range reads [max int64, min int64]: no target, nothing out of range.
+        big, small = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min
+        padded_valid = torch.cat([valid, valid.new_zeros(1)])  # one absent row: the reductions never see []
+        padded = torch.cat([flat_targets, flat_targets.new_zeros(1)])
+        low = torch.where(padded_valid, padded, big).min()
+        high = torch.where(padded_valid, padded, small).max()
+        facts = torch.stack([
+            low, high, torch.tensor(flat_targets.numel(), device=device), valid.sum(),
+            (position * valid).sum(), (position * flat_targets * valid).sum(),
+            torch.tensor(int(bool(entropy)), device=device),
+        ])
+    else:
+        facts = torch.zeros(7, dtype=torch.int64, device=device)
+    info = torch.cat([settings, facts.to(torch.int64)])
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(info) for _ in range(world)]
     dist.all_gather(gathered, info, group=group)
