@@ -1,7 +1,7 @@
 """softpo: fused vocabulary sweeps and policy losses (SAPO, SPO, GRPO family) for RL on LLMs."""
 
 from .adaptive import AdaptiveEntropy
-from .api import PolicyLoss, PolicyLossOutput, TokenLogprobs, policy_loss, token_logprobs
+from .api import LazyMetrics, PolicyLoss, PolicyLossOutput, TokenLogprobs, policy_loss, token_logprobs
 from .config import (
     BNPO, CISPO, DAPO, DR_GRPO, GRPO, GSPO, GSPO_TOKEN, LUSPO, PRESETS, SAPO, SPO, VESPO, LossConfig, preset,
 )
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BNPO", "CISPO", "DAPO", "DR_GRPO", "GRPO", "GSPO", "GSPO_TOKEN", "LUSPO", "PRESETS", "SAPO", "SPO", "VESPO",
-    "AdaptiveEntropy", "LossConfig", "PolicyLoss", "PolicyLossOutput", "TokenLogprobs",
+    "AdaptiveEntropy", "LazyMetrics", "LossConfig", "PolicyLoss", "PolicyLossOutput", "TokenLogprobs",
     "policy_loss", "preset", "spo_q0", "token_logprobs",
 ]

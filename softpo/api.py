@@ -17,8 +17,10 @@ The sweep takes one of four routes (`_route`):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,15 +36,47 @@ SWEEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 MEMORY_MODES = ("default", "flat")
 
 
+class LazyMetrics(Mapping):
+    """A read-only dict of metrics computed at its first read.
+
+    The metrics are most of an objective's small kernels and none of its gradient; read after the
+    backward is queued (as a training loop logs), their launches overlap the GPU's work instead of
+    delaying it. They are computed from the tensors the loss call was given: modify those in place
+    before the first read and the metrics see the change.
+    """
+
+    def __init__(self, compute):
+        self._compute = compute
+        self._values = None
+
+    def _get(self) -> dict[str, torch.Tensor]:
+        if self._values is None:
+            self._values, self._compute = self._compute(), None
+        return self._values
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+    def __repr__(self):
+        return f"LazyMetrics({self._get()!r})"
+
+
 @dataclass
 class PolicyLossOutput:
     """loss: 0-d tensor to backprop. logp, entropy: [B, T] fp32, detached (entropy None unless computed).
-    metrics: 0-d detached tensors (no host sync is forced; call .item() when logging)."""
+    metrics: 0-d detached tensors, computed at the first read (`LazyMetrics`; no host sync is forced,
+    call .item() when logging)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
     entropy: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _triton_ops():
@@ -481,7 +515,7 @@ def policy_loss(
         terms = terms.view(B, T)
     logp = logp.view(B, T)
     entropy = None if entropy is None else entropy.view(B, T)
-    loss, metrics = objectives.policy_objective(
+    loss, pieces = objectives.objective_loss(
         config, logp, mask, inputs.advantages,
         old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
         rewards=inputs.rewards, q0=inputs.q0, entropy=entropy, normalizer=normalizer, terms=terms,
@@ -490,8 +524,11 @@ def policy_loss(
     if surrogate is not None:
         # The value is the objective's own; the gradient is the one the fused sweep formed.
         loss = loss.detach() + (surrogate - surrogate.detach())
+    metrics = functools.partial(objectives.objective_metrics, config, pieces)
     return PolicyLossOutput(
-        loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(), metrics=metrics
+        loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(),
+        # A compiled step returns plain tensors; an eager call leaves the metrics' kernels for their first read.
+        metrics=metrics() if torch.compiler.is_compiling() else LazyMetrics(metrics),
     )
 
 
@@ -549,7 +586,7 @@ def _sequence_gradients(config, inputs: _LossInputs, normalizer, entropy_gather,
                 leaves.append(tile_entropy)
                 full_entropy = torch.zeros_like(stand_in).index_put((idx,), tile_entropy).view(B, T)
             full_logp = stand_in.index_put((idx,), tile_logp).view(B, T)
-            loss, _ = objectives.policy_objective(
+            loss, _ = objectives.objective_loss(
                 config, full_logp, inputs.mask, inputs.advantages,
                 old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
                 rewards=inputs.rewards, q0=inputs.q0, entropy=full_entropy, normalizer=normalizer,

@@ -11,6 +11,7 @@ Notation: logp = log pi(y_t), old = log pi_old(y_t), r = exp(logp - old), A = ad
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -321,6 +322,46 @@ def policy_objective(
     logp: torch.Tensor,
     mask: torch.Tensor,
     advantages: torch.Tensor | None = None,
+    **inputs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scalar loss and metrics of `config` from per-token log-probs: `objective_loss`, then `objective_metrics`.
+
+    logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
+    importance_sampling_ratio [B, T] or [B, 1]: the sampler-mismatch weight as given (TRL's batch, verl's
+    rollout_is_weights; already bounded), used instead of one from rollout_logp.
+    `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
+    and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
+    entropy_gather: see `high_entropy_mask` (top_entropy_quantile < 1 across processes).
+    """
+    loss, pieces = objective_loss(config, logp, mask, advantages, **inputs)
+    return loss, objective_metrics(config, pieces)
+
+
+@dataclass
+class ObjectivePieces:
+    """What `objective_loss` computed on the way to the loss that its metrics read again (all detached)."""
+
+    logp: torch.Tensor
+    mask: torch.Tensor
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    policy_mask: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    adv: torch.Tensor | None = None
+    ratio: torch.Tensor | None = None
+    is_weight: torch.Tensor | None = None
+    off_policy_keep: torch.Tensor | None = None
+    vespo_weight: torch.Tensor | None = None
+
+
+def objective_loss(
+    config: LossConfig,
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None = None,
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
@@ -332,70 +373,80 @@ def policy_objective(
     normalizer: torch.Tensor | float | None = None,
     terms: torch.Tensor | None = None,
     entropy_gather=None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The scalar loss and metrics of `config` from per-token log-probs.
+) -> tuple[torch.Tensor, ObjectivePieces]:
+    """The scalar loss of `config` (arguments as `policy_objective`) and the pieces its metrics need.
 
-    logp, mask, old/ref/rollout logp, entropy: [B, T]; advantages [B] or [B, T]; rewards, q0 [B].
-    importance_sampling_ratio [B, T] or [B, 1]: the sampler-mismatch weight as given (TRL's batch, verl's
-    rollout_is_weights; already bounded), used instead of one from rollout_logp.
-    `terms`, when given, are the per-token terms already evaluated (by the fused kernel epilogue)
-    and replace the evaluation of `token_terms`; only token-level policy objectives pass them.
-    entropy_gather: see `high_entropy_mask` (top_entropy_quantile < 1 across processes).
+    The metrics are most of the objective's small kernels (about 80 of 90 for SAPO) and none of its
+    gradient: a caller that may not read them defers `objective_metrics` (softpo.api does).
     """
-    metrics: dict[str, torch.Tensor] = {}
-    # The tokens the policy term and the entropy bonus act on (top_entropy_quantile < 1 narrows them).
-    policy_mask = mask
+    detached = lambda t: None if t is None else t.detach()  # noqa: E731
+    pieces = dict(logp=logp.detach(), mask=mask, old_logp=old_logp, ref_logp=ref_logp, entropy=detached(entropy),
+                  policy_mask=mask)
     if config.objective == "spo":
         loss, q = spo_loss(config, logp, mask, ref_logp, rewards, q0)
-        metrics["q_mean"] = q.detach().mean() if q.numel() else q.detach().sum()
-        metrics["kl"] = _masked_mean(kl_terms(config, logp.detach(), ref_logp), mask)
-        metrics["policy_loss"] = loss.detach()
+        pieces.update(q=q.detach(), policy_loss=loss.detach())
     else:
         adv_given = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         adv = adv_given.expand_as(logp)
         old = logp.detach() if old_logp is None else old_logp
-        log_ratio = log_importance_ratio(config, logp, old_logp, mask)
-        ratio = bounded_exp(log_ratio)
+        ratio = bounded_exp(log_importance_ratio(config, logp, old_logp, mask))
         is_weight = None
         if importance_sampling_ratio is not None:
             is_weight = importance_sampling_ratio.detach()
         elif rollout_logp is not None:
             is_weight = rollout_weights(config, old, rollout_logp, mask)
-        if is_weight is not None:
-            metrics["is_weight_mean"] = _masked_mean(is_weight.expand_as(logp), mask)
         keep = None
         if config.off_policy_mask_threshold is not None:
             sampler = old if rollout_logp is None else rollout_logp
             keep = off_policy_keep(config, logp, sampler, mask, adv_given).expand_as(logp)
-            metrics["off_policy_kept"] = _masked_mean(keep.to(logp.dtype), mask)
+            pieces["off_policy_keep"] = keep
         if config.top_entropy_quantile < 1:
             high = high_entropy_mask(config, entropy, mask, entropy_gather)
             keep = high if keep is None else keep & high
-            policy_mask = mask & high
+            pieces["policy_mask"] = mask & high
         vespo_weight = None
         if config.gate == "vespo":
             vespo_weight = vespo_weights(config, logp, old, mask, adv_given, is_weight)
-            metrics["vespo_weight_mean"] = (
-                vespo_weight.mean() if vespo_weight.shape[-1] == 1 else _masked_mean(vespo_weight, mask)
-            )
         if terms is None:
             terms = _policy_terms(config, logp, ratio, adv, ref_logp, is_weight, keep, vespo_weight)
         loss = aggregate(config, terms, mask, normalizer)
-        metrics["policy_loss"] = loss.detach()
-        _ratio_metrics(config, metrics, ratio.detach(), adv, mask, logp.detach(), old_logp)
-        if ref_logp is not None:
-            metrics["kl"] = _masked_mean(kl_terms(config, logp.detach(), ref_logp), mask)
-    if entropy is not None:
-        mean_entropy = _masked_mean(entropy, mask)
-        metrics["entropy"] = mean_entropy.detach()
-        if config.entropy_coef != 0:
-            loss = loss - entropy_bonus(config, entropy, policy_mask)
+        pieces.update(policy_loss=loss.detach(), adv=adv, ratio=ratio.detach(), is_weight=is_weight,
+                      vespo_weight=detached(vespo_weight))
+    if entropy is not None and config.entropy_coef != 0:
+        loss = loss - entropy_bonus(config, entropy, pieces["policy_mask"])
+    return loss, ObjectivePieces(loss=loss.detach(), **pieces)
+
+
+def objective_metrics(config: LossConfig, pieces: ObjectivePieces) -> dict[str, torch.Tensor]:
+    """The objective's metrics (0-d detached tensors) from the pieces `objective_loss` left."""
+    p = pieces
+    mask = p.mask
+    metrics: dict[str, torch.Tensor] = {}
+    if config.objective == "spo":
+        metrics["q_mean"] = p.q.mean() if p.q.numel() else p.q.sum()
+        metrics["kl"] = _masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
+        metrics["policy_loss"] = p.policy_loss
+    else:
+        if p.is_weight is not None:
+            metrics["is_weight_mean"] = _masked_mean(p.is_weight.expand_as(p.logp), mask)
+        if config.off_policy_mask_threshold is not None:
+            metrics["off_policy_kept"] = _masked_mean(p.off_policy_keep.to(p.logp.dtype), mask)
+        if p.vespo_weight is not None:
+            metrics["vespo_weight_mean"] = (
+                p.vespo_weight.mean() if p.vespo_weight.shape[-1] == 1 else _masked_mean(p.vespo_weight, mask)
+            )
+        metrics["policy_loss"] = p.policy_loss
+        _ratio_metrics(config, metrics, p.ratio, p.adv, mask, p.logp, p.old_logp)
+        if p.ref_logp is not None:
+            metrics["kl"] = _masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
+    if p.entropy is not None:
+        metrics["entropy"] = _masked_mean(p.entropy, mask)
         if config.use_adaptive_entropy:
             # What `AdaptiveEntropy.observe` accumulates: the entropy over the tokens the bonus acts on.
-            metrics["controlled_entropy_sum"] = _masked_sum(entropy.detach(), policy_mask)
-            metrics["controlled_entropy_tokens"] = policy_mask.sum().to(entropy.dtype)
-    metrics["loss"] = loss.detach()
-    return loss, metrics
+            metrics["controlled_entropy_sum"] = _masked_sum(p.entropy, p.policy_mask)
+            metrics["controlled_entropy_tokens"] = p.policy_mask.sum().to(p.entropy.dtype)
+    metrics["loss"] = p.loss
+    return metrics
 
 
 def _ratio_metrics(config, metrics, ratio, adv, mask, logp, old_logp):
