@@ -7,7 +7,7 @@ _common.py: the online log-sum-exp, row blocks (masking), config selection.
 Only kernels, their configs and plain launchers live here; autograd is in softpo.triton_ops.
 """
 
-from .logits import logits_logprob_bwd, logits_logprob_fwd
+from .logits import logits_logprob_bwd, logits_logprob_fwd, logits_loss_fwd, scale_
 from .terms import (
     GATE_CLIP,
     GATE_SOFT,
@@ -37,5 +37,7 @@ __all__ = [
     "TermsArgs",
     "logits_logprob_bwd",
     "logits_logprob_fwd",
+    "logits_loss_fwd",
+    "scale_",
     "token_terms",
 ]

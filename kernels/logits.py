@@ -2,7 +2,8 @@
 
 Tokens sit on grid axis 0 (limit 2**31 - 1), so any number of rows works. The forward reads each
 row once; the backward reads it once more and writes d logits, optionally into the logits' own
-storage (each element is read and then written by the same program, so in place is safe).
+storage (each element is read and then written by the same program, so in place is safe). For a loss
+linear in the token-level terms, the forward itself can write d logits (`logits_loss_fwd`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _grad_tile, _online_lse, _row_block, check_rows, launch
+from ._common import _grad_tile, _online_lse, _row_block, check_rows, interpreting, launch
 from .terms import _finish_rows, terms_kwargs
 
 LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -49,16 +50,37 @@ def _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_tempera
 
 
 @triton.jit
+def _store_grad_rows(
+    logits_ptr, dlogits_ptr, rows, in_range, active, targets, lse, entropy, g_logp, g_ent,
+    V, stride_ln, stride_lv, stride_dn, stride_dv, inv_temperature,
+    HAS_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Sweep the rows once more and write their d logits; masked rows get zeros (outputs are never pre-zeroed)."""
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
+        grad = _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD)
+        grad = tl.where(active[:, None], grad, 0.0)
+        tl.store(
+            dlogits_ptr + rows[:, None] * stride_dn + cols[None, :] * stride_dv,
+            grad.to(dlogits_ptr.dtype.element_ty),
+            mask=in_range[:, None] & (cols < V)[None, :],
+        )
+
+
+@triton.jit
 def _logits_fwd_kernel(
     logits_ptr, targets_ptr, row_idx_ptr, n_valid_ptr,
     logp_ptr, lse_ptr, entropy_ptr,
     adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
+    w_term_ptr, w_ent_ptr, dlogits_ptr,
     N, V,
-    stride_ln, stride_lv,
+    stride_ln, stride_lv, stride_dn, stride_dv,
     inv_temperature, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
     HAS_ROW_IDX: tl.constexpr, STORE_ENTROPY: tl.constexpr,
     HAS_TERMS: tl.constexpr, GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr,
     HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
+    GRAD_IN_FWD: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     start = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -74,11 +96,22 @@ def _logits_fwd_kernel(
         z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
         m, s, t = _online_lse(m, s, t, z)
         z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    _finish_rows(
+    lse, entropy, coef = _finish_rows(
         m, s, t, z_target, rows, in_range, active, logp_ptr, lse_ptr, entropy_ptr,
         adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
         STORE_ENTROPY, HAS_TERMS, GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
     )
+    if GRAD_IN_FWD:
+        # The loss is linear in the terms and the entropy, with weights known before the sweep, so the rows'
+        # gradient follows from their lse at once, while their logits may still sit in L2.
+        g_logp = tl.load(w_term_ptr + rows, mask=active, other=0.0) * coef
+        g_ent = g_logp
+        if HAS_ENT_GRAD:
+            g_ent = tl.load(w_ent_ptr + rows, mask=active, other=0.0)
+        _store_grad_rows(
+            logits_ptr, dlogits_ptr, rows, in_range, active, targets, lse, entropy, g_logp, g_ent,
+            V, stride_ln, stride_lv, stride_dn, stride_dv, inv_temperature, HAS_ENT_GRAD, BLOCK_V,
+        )
 
 
 @triton.jit
@@ -101,17 +134,10 @@ def _logits_bwd_kernel(
     if HAS_ENT_GRAD:
         entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
         g_ent = tl.load(g_ent_ptr + rows, mask=active, other=0.0)
-    # Masked rows are swept too: their gradient is written as zeros (the output is never pre-zeroed).
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        z = _load_z(logits_ptr, rows, active, cols, V, stride_ln, stride_lv, inv_temperature)
-        grad = _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD)
-        grad = tl.where(active[:, None], grad, 0.0)
-        tl.store(
-            dlogits_ptr + rows[:, None] * stride_dn + cols[None, :] * stride_dv,
-            grad.to(dlogits_ptr.dtype.element_ty),
-            mask=in_range[:, None] & (cols < V)[None, :],
-        )
+    _store_grad_rows(
+        logits_ptr, dlogits_ptr, rows, in_range, active, targets, lse, entropy, g_logp, g_ent,
+        V, stride_ln, stride_lv, stride_dn, stride_dv, inv_temperature, HAS_ENT_GRAD, BLOCK_V,
+    )
 
 
 def _check(logits, targets, row_idx, n_valid):
@@ -132,6 +158,26 @@ def logits_logprob_fwd(logits, targets, *, temperature=1.0, row_idx=None, n_vali
     rows skipped; terms: the epilogue's inputs (`kernels.terms.TermsArgs`) or None. Returns (logp, lse,
     entropy or None, term or None, coef or None), fp32 [N].
     """
+    return _logits_fwd(logits, targets, temperature, row_idx, n_valid, return_entropy, terms)[:5]
+
+
+def logits_loss_fwd(logits, targets, terms, w_term, w_entropy=None, *, temperature=1.0, row_idx=None,
+                    n_valid=None, return_entropy=False):
+    """`logits_logprob_fwd` with terms that also writes d loss / d logits, for a loss linear in the terms and
+    the entropy: loss = sum(w_term * term) + sum(w_entropy * entropy) (plus what does not depend on logits).
+
+    w_term, w_entropy: fp32 [N] (w_entropy None: no entropy in the loss). Each row is read once more right
+    after its log-sum-exp and its gradient written, so forward and backward take two reads and one write of
+    the logits instead of three reads and one write. Returns (logp, lse, entropy or None, term, coef,
+    d_logits [N, V] in the logits' dtype, contiguous; masked rows zero).
+    """
+    assert terms is not None, "the gradient is that of the terms' loss"
+    for w in (w_term, w_entropy):
+        assert w is None or (w.shape == targets.shape and w.dtype == torch.float32 and w.is_contiguous())
+    return _logits_fwd(logits, targets, temperature, row_idx, n_valid, return_entropy, terms, (w_term, w_entropy))
+
+
+def _logits_fwd(logits, targets, temperature, row_idx, n_valid, return_entropy, terms, loss_weights=None):
     N, V = _check(logits, targets, row_idx, n_valid)
     assert temperature > 0, temperature
     f32 = dict(dtype=torch.float32, device=logits.device)
@@ -139,22 +185,28 @@ def logits_logprob_fwd(logits, targets, *, temperature=1.0, row_idx=None, n_vali
     lse = torch.empty(N, **f32)
     entropy = torch.empty(N, **f32) if return_entropy else None
     term_kwargs, term, coef = terms_kwargs(terms, N, logp)
+    w_term, w_entropy = (None, None) if loss_weights is None else loss_weights
+    d_logits = None if loss_weights is None else torch.empty(N, V, dtype=logits.dtype, device=logits.device)
     if N == 0:
-        return logp, lse, entropy, term, coef
+        return logp, lse, entropy, term, coef, d_logits
     kwargs = dict(
         logits_ptr=logits, targets_ptr=targets,
         row_idx_ptr=targets if row_idx is None else row_idx, n_valid_ptr=targets if n_valid is None else n_valid,
         logp_ptr=logp, lse_ptr=lse, entropy_ptr=logp if entropy is None else entropy,
+        w_term_ptr=logp if w_term is None else w_term, w_ent_ptr=logp if w_entropy is None else w_entropy,
+        dlogits_ptr=logits if d_logits is None else d_logits,
         N=N, V=V, stride_ln=logits.stride(0), stride_lv=logits.stride(1),
+        stride_dn=V if d_logits is None else d_logits.stride(0), stride_dv=1,
         inv_temperature=1.0 / temperature,
         HAS_ROW_IDX=row_idx is not None, STORE_ENTROPY=return_entropy,
+        GRAD_IN_FWD=d_logits is not None, HAS_ENT_GRAD=w_entropy is not None,
         **term_kwargs,
     )
     launch(
         _logits_fwd_kernel, _TUNED, _FWD_CONFIGS, _INTERPRET_CONFIG,
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, kwargs, key=["V"],
     )
-    return logp, lse, entropy, term, coef
+    return logp, lse, entropy, term, coef, d_logits
 
 
 def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=None, temperature=1.0,
@@ -191,3 +243,24 @@ def logits_logprob_bwd(logits, targets, lse, g_logp, *, entropy=None, g_entropy=
         lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), V, kwargs, key=["V"], **tune,
     )
     return out
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, numel, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32)
+    # Read on the device, so that the common upstream gradient of 1 costs neither a pass nor a host sync.
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < numel)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def scale_(x, g):
+    """x *= g in place, x contiguous of any float dtype, g a one-element tensor on x's device; nothing is
+    read or written when g == 1."""
+    assert x.is_contiguous() and g.numel() == 1 and g.device == x.device
+    if x.numel() == 0:
+        return x
+    BLOCK = 1024 if interpreting() else 8192
+    _scale_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, g.reshape(1), x.numel(), BLOCK=BLOCK)
+    return x

@@ -148,7 +148,8 @@ def _terms_epilogue(
     GATE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr,
     KL: tl.constexpr, KL_RATIO: tl.constexpr, IS_BOUND: tl.constexpr,
 ):
-    """Load a block's per-token inputs at `rows`, evaluate the terms, store term and coef (0 if masked)."""
+    """Load a block's per-token inputs at `rows`, evaluate the terms, store term and coef (0 if masked);
+    returns coef."""
     adv = tl.load(adv_ptr + rows, mask=active, other=0.0).to(tl.float32)
     old = logp
     ref = logp
@@ -163,8 +164,10 @@ def _terms_epilogue(
         logp, adv, old, ref, isw, lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
         GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
     )
+    coef = tl.where(active, coef, 0.0)
     tl.store(term_ptr + rows, tl.where(active, value, 0.0), mask=in_range)
-    tl.store(coef_ptr + rows, tl.where(active, coef, 0.0), mask=in_range)
+    tl.store(coef_ptr + rows, coef, mask=in_range)
+    return coef
 
 
 @triton.jit
@@ -177,19 +180,22 @@ def _finish_rows(
     HAS_DELTA: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
     IS_BOUND: tl.constexpr,
 ):
-    """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state."""
+    """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state.
+    Returns (lse, entropy, coef), coef 0 without terms."""
     lse, entropy = _finish_lse(m, s, t)
     logp = tl.where(active, z_target - lse, 0.0)
     tl.store(logp_ptr + rows, logp, mask=in_range)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_range)
     if STORE_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(active, entropy, 0.0), mask=in_range)
+    coef = tl.zeros_like(logp)
     if HAS_TERMS:
-        _terms_epilogue(
+        coef = _terms_epilogue(
             logp, rows, in_range, active, adv_ptr, old_ptr, ref_ptr, isw_ptr, term_ptr, coef_ptr,
             lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
             GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
         )
+    return lse, entropy, coef
 
 
 @triton.jit

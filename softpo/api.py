@@ -9,9 +9,10 @@ The sweep takes one of four routes (`_route`):
   a vocab-parallel group, a compiled call.
 - terms: Triton, token-level objectives: the forward kernel's epilogue evaluates each token's gate
   and KL, so one launch yields the per-token terms and the coefficient their backward needs.
-- gradient: terms on the hidden path with gradients wanted: the loss is linear in the terms and the
-  entropy, so each logits tile becomes its gradient during the forward sweep (no logits recomputed).
-- sequence-gradient: the same for sequence-level objectives, with tiles of whole sequences whose
+- gradient: terms with gradients wanted: the loss is linear in the terms and the entropy, so the
+  gradient is formed during the forward sweep (hidden path: each logits tile, no logits recomputed;
+  logits path: each row right after its log-sum-exp, in the same kernel).
+- sequence-gradient: the same on the hidden path for sequence-level objectives, with tiles of whole sequences whose
   per-token gradients come from the objective by autograd once the tile's log-probs are known.
 """
 
@@ -474,8 +475,11 @@ def policy_loss(
     entropy_gather: see `objectives.high_entropy_mask`.
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
-    memory: "default" or "flat", as in `token_logprobs` (flat: no gradient formed in the forward either,
-    since that route holds the V x H fp32 accumulator).
+    memory: "default" or "flat", as in `token_logprobs`; flat also forms no gradient in the forward, which
+    holds a V x H fp32 d weight accumulator (hidden path) or d logits [N, V] (logits path) from the forward
+    to the backward. On the logits path the default forms d logits in the forward and scales them by the
+    loss's upstream gradient in the backward, in place: free when that gradient is 1 (`loss.backward()`),
+    one more pass over them otherwise, so fold constant factors into `normalizer` rather than the loss.
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
@@ -493,7 +497,7 @@ def policy_loss(
     mask = inputs.mask
     flat_targets = _local_targets(torch.where(mask, targets, torch.zeros_like(targets)).reshape(-1).long(), shard)
     valid = None if inputs.every_token_valid else mask.reshape(-1)
-    route = _route(config, inputs, hidden, weight, shard)
+    route = _route(config, inputs, hidden, weight, logits, shard)
     surrogate = terms = None
     tiles = None
     if route == "sequence-gradient":
@@ -532,16 +536,18 @@ def policy_loss(
     )
 
 
-def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
+def _route(config, inputs: _LossInputs, hidden, weight, logits, shard) -> str:
     """Which of the routes computes the loss.
 
     "plain": the log-prob sweep, then the objective in torch (every objective, every path).
     "terms": Triton, token-level objectives: the forward kernel's epilogue evaluates each token's
         gate and KL, so one launch yields the terms and the coefficient their backward needs.
-    "gradient": "terms" on the hidden path with gradients wanted: the loss is linear in the terms
-        and the entropy, so each logits tile becomes its gradient during the forward sweep (not with
-        memory="flat": it holds a V x H fp32 d weight accumulator from the forward to the backward).
-    "sequence-gradient": "gradient" for sequence-level objectives (GSPO, GSPO-token, LUSPO, VESPO, SPO):
+    "gradient": "terms" with gradients wanted: the loss is linear in the terms and the entropy, so the
+        gradient is formed during the forward sweep: each hidden-path logits tile becomes its gradient
+        (not with memory="flat": it holds a V x H fp32 d weight accumulator from the forward to the
+        backward); on the logits path the forward kernel writes each row's d logits right after its
+        log-sum-exp (two reads and one write of the logits instead of three reads and one write).
+    "sequence-gradient": "gradient" on the hidden path for sequence-level objectives (GSPO, GSPO-token, LUSPO, VESPO, SPO):
         their per-token gradients need only their own sequence's log-probs, so tiles that hold whole
         sequences can form them in the forward too (a sequence longer than a tile falls back to "plain").
         Not with a top-entropy quantile, whose threshold couples every token of the batch.
@@ -550,12 +556,13 @@ def _route(config, inputs: _LossInputs, hidden, weight, shard) -> str:
     """
     if inputs.path != "triton" or torch.compiler.is_compiling() or shard is not None:
         return "plain"
-    wants_grad = hidden is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    differentiable = (logits,) if hidden is None else (hidden, weight)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     if config.per_token_terms:
         if inputs.rollout_logp is not None and inputs.old_logp is None:
             return "plain"
         return "gradient" if wants_grad and not inputs.flat_memory else "terms"
-    if wants_grad and not inputs.flat_memory and config.top_entropy_quantile == 1:
+    if hidden is not None and wants_grad and not inputs.flat_memory and config.top_entropy_quantile == 1:
         return "sequence-gradient"
     return "plain"
 
@@ -621,8 +628,9 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
     if route == "gradient":
         w_term, w_entropy = objectives.loss_weights(config, inputs.mask, normalizer, entropy=need_entropy)
         return _triton_ops().triton_fused_token_loss(
-            config, flat_targets, valid, hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight,
-            w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
+            config, flat_targets, valid,
+            hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
+            logits=None if logits is None else logits.reshape(-1, logits.shape[-1]), w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
             temperature=inputs.temperature, return_entropy=need_entropy, **per_token,
         )
     terms, logp, entropy = _triton_ops().triton_fused_token_terms(

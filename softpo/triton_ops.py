@@ -313,8 +313,8 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
     before the sweep (the loss is linear in its terms and the entropy); a sequence-level one's are known
     once the tile's whole sequences have their log-probs, so its tiles hold whole sequences (`tiles`). Each
     tile then becomes its own gradient right after its forward sweep: three matmuls of 2NHV, no logits
-    recomputed. Returns (surrogate, entropy, logp, term): the surrogate carries the precomputed gradients
-    (scaled by its incoming gradient); the others are detached.
+    recomputed. Returns (surrogate, entropy, logp, term): the surrogate, zero-valued, carries the precomputed
+    gradients (scaled by its incoming gradient); the others are detached.
     """
 
     @staticmethod
@@ -342,12 +342,9 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
                     put(g_entropy, idx, g_entropy_tile)
                 _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, g_entropy,
                                sweep.temperature, d_hidden, d_weight)
-        surrogate = (g_logp * logp).sum()
-        if g_entropy is not None:
-            surrogate = surrogate + (g_entropy * entropy).sum()
         ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
-        return surrogate, entropy, logp, term
+        return logp.new_zeros(()), entropy, logp, term
 
     @staticmethod
     @once_differentiable
@@ -400,6 +397,41 @@ class LogitsLogprobFunction(torch.autograd.Function):
             # storage) sees a newer version and refuses to run rather than read gradients as logits.
             torch.autograd.graph.increment_version(logits)
         return d_logits, None
+
+
+class LogitsGradientInForwardFunction(torch.autograd.Function):
+    """A token-level objective's loss from logits [N, V], with d logits written by the forward kernel
+    (`kernels.logits_loss_fwd`): the loss is linear in the terms and the entropy, whose weights (w_term,
+    w_entropy: fp32 [N]) are known before the sweep. Returns (surrogate, entropy, logp, term) as
+    `HiddenGradientInForwardFunction` does; the backward scales the stored d logits by the incoming gradient
+    in place (no pass at all when it is 1, the usual `loss.backward()`), so it runs once per forward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, sweep: Sweep, w_term, w_entropy):
+        logp, _, entropy, term, _, d_logits = K.logits_loss_fwd(
+            logits, sweep.targets, sweep.terms, w_term, w_entropy, temperature=sweep.temperature,
+            row_idx=sweep.row_idx, n_valid=sweep.n_valid, return_entropy=sweep.return_entropy or w_entropy is not None,
+        )
+        ctx.save_for_backward(d_logits)
+        ctx.spent = False
+        ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
+        return logp.new_zeros(()), entropy, logp, term
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_surrogate, *_):
+        if g_surrogate is None:
+            return None, None, None, None
+        if ctx.spent:
+            raise RuntimeError(
+                "the logits' gradient formed in the forward was scaled in place by the first backward; a second "
+                "backward through the same policy_loss call (retain_graph=True) is not supported on this route: "
+                "call policy_loss again, or pass logits that do not require grad for one of the two"
+            )
+        ctx.spent = True
+        (d_logits,) = ctx.saved_tensors
+        return K.scale_(d_logits, g_surrogate.detach().float()), None, None, None
 
 
 # The plain sweep as two custom ops with shape-only versions, for torch.compile: the tile loop, its
@@ -579,8 +611,9 @@ def triton_fused_token_loss(
     targets: torch.Tensor,
     valid: torch.Tensor | None,
     *,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
     w_term: torch.Tensor,
     w_entropy: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -590,7 +623,8 @@ def triton_fused_token_loss(
     ref_logp: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
 ):
-    """The token-level objective's sweep on the hidden path with its gradients formed in the forward.
+    """The token-level objective's sweep with its gradients formed in the forward: on the hidden path tile
+    by tile, on the logits path row by row in the forward kernel (`LogitsGradientInForwardFunction`).
 
     w_term, w_entropy: d loss / d term and d loss / d entropy, fp32 [N] (objectives.loss_weights);
     the entropy is computed when w_entropy is given or return_entropy is set. The other arguments are
@@ -602,6 +636,13 @@ def triton_fused_token_loss(
         assert w is None or (w.shape == targets.shape and w.dtype == torch.float32 and w.device == targets.device)
     terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
     w_term = w_term.contiguous()
+    if logits is not None:
+        row_idx, n_valid = valid_first(valid)
+        sweep = Sweep(targets.contiguous(), row_idx, n_valid, float(temperature), bool(return_entropy), terms=terms)
+        with _on_device(targets.device):
+            surrogate, entropy, logp, term = LogitsGradientInForwardFunction.apply(
+                logits, sweep, w_term, None if w_entropy is None else w_entropy.contiguous())
+        return surrogate, term, logp, entropy
 
     def tile_gradients(idx, outputs):
         # The term's gradient is its weight times d term / d logp, which the epilogue just wrote (coef).

@@ -494,11 +494,7 @@ def test_hidden_loss_gradient_formed_in_the_forward(dtype):
     call = lambda: softpo.policy_loss(config, targets.view(B, T), mask, hidden=h, weight=w,  # noqa: E731
                                       normalizer=40.0, impl="triton", **kwargs)
     out = call()
-    names, nodes = [], [out.loss.grad_fn]
-    while nodes:
-        node = nodes.pop()
-        names.append(type(node).__name__)
-        nodes += [child for child, _ in node.next_functions if child is not None]
+    names = _grad_fn_names(out.loss)
     assert any("HiddenGradientInForward" in name for name in names), names
     assert not any("HiddenLogprob" in name for name in names), names
     with torch.no_grad():
@@ -515,6 +511,119 @@ def test_hidden_loss_gradient_formed_in_the_forward(dtype):
     for ours, expected, name in zip(grads, (h.grad, w.grad), ("d_hidden", "d_weight")):
         error = (ours.double() - expected).norm() / expected.norm()
         assert error < (1e-5 if dtype == torch.float32 else 2e-2), (name, error.item())
+
+
+def _grad_fn_names(tensor):
+    names, nodes = [], [tensor.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        names.append(type(node).__name__)
+        nodes += [child for child, _ in node.next_functions if child is not None]
+    return names
+
+
+TOKEN_LEVEL_CONFIGS = [case for case in all_configs() if case.values[0].per_token_terms]
+
+
+@pytest.mark.parametrize("config,uses_rollout", TOKEN_LEVEL_CONFIGS)
+def test_logits_loss_gradient_formed_in_the_forward(config, uses_rollout):
+    # Every token-level preset and option through policy_loss on logits: the forward kernel writes d logits
+    # (masked rows included, as zeros), against the float64 reference and plain fp32 torch.
+    B, T, H, V = 3, 11, 24, 97
+    hidden, weight, targets, _, _, _ = _inputs(B * T, H, V, {}, seed=9)
+    logits64, targets = (hidden @ weight.T).view(B, T, V), targets.view(B, T)
+    mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(10)) < 0.7).to(DEVICE)
+    mask[1] = False
+    logp0 = reference_logprobs(targets, logits=logits64)[0]
+    kwargs64 = loss_kwargs(config, logp0, uses_rollout)
+
+    def run(fn, dt, **extra):
+        x = logits64.to(dt).detach().requires_grad_()
+        kwargs = {k: v.to(dt) for k, v in kwargs64.items()}
+        loss = fn(config, targets, mask, logits=x, temperature=0.9, **kwargs, **extra)
+        loss = getattr(loss, "loss", loss)
+        if fn is softpo.policy_loss:
+            assert any("LogitsGradientInForward" in name for name in _grad_fn_names(loss))
+        loss.backward()
+        return [loss, x.grad]
+
+    gt = run(reference_policy_loss, torch.float64)
+    ref = run(reference_policy_loss, torch.float32)
+    out = run(softpo.policy_loss, torch.float32, impl="triton")
+    assert torch.equal(out[1][1], torch.zeros_like(out[1][1])), "a masked row gets exactly zero gradient"
+    assert_close_to_gt(out[1], ref[1], gt[1], torch.float32, "d_logits")
+    assert_close_to_gt(out[0], ref[0], gt[0], torch.float32, "loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_logits_gradient_in_forward_scales_once(dtype):
+    # The stored d logits are scaled in place by the upstream gradient (skipped at 1); the value is the
+    # objective's, with or without gradients; a second backward through the same call is refused.
+    B, T, H, V = 2, 9, 16, 61
+    hidden, weight, targets, _, _, _ = _inputs(B * T, H, V, {}, seed=11)
+    logits64, targets = (hidden @ weight.T).view(B, T, V), targets.view(B, T)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0, 5:] = False
+    config = softpo.SAPO.replace(beta=0.05, entropy_coef=0.01)
+    kwargs = {k: v.float() for k, v in loss_kwargs(config, reference_logprobs(targets, logits=logits64)[0],
+                                                   False).items()}
+
+    def grad_of(scale, retain=False):
+        x = logits64.to(dtype).detach().requires_grad_()
+        out = softpo.policy_loss(config, targets, mask, logits=x, impl="triton", **kwargs)
+        (scale * out.loss).backward(retain_graph=retain)
+        return out, x
+
+    out, x = grad_of(1.0)
+    with torch.no_grad():
+        assert torch.equal(softpo.policy_loss(config, targets, mask, logits=x, impl="triton", **kwargs).loss,
+                           out.loss.detach())
+    _, x2 = grad_of(2.0)
+    torch.testing.assert_close(x2.grad, 2 * x.grad, rtol=0, atol=0)
+    _, x3 = grad_of(0.25)
+    torch.testing.assert_close(x3.grad, (0.25 * x.grad.float()).to(dtype), rtol=0, atol=0)
+    gt = logits64.clone().requires_grad_()
+    reference_policy_loss(config, targets, mask, logits=gt, **{k: v.double() for k, v in kwargs.items()}).backward()
+    error = (x.grad.double() - gt.grad).norm() / gt.grad.norm()
+    assert error < {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype], error.item()
+    out, _ = grad_of(1.0, retain=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+
+
+def test_logits_flat_memory_keeps_the_gradient_for_the_backward_kernel():
+    # memory="flat" on logits: no d logits held from the forward to the backward; the backward kernel forms
+    # them, with the same values as the gradient formed in the forward.
+    B, T, H, V = 2, 7, 16, 53
+    hidden, weight, targets, _, _, _ = _inputs(B * T, H, V, {}, seed=12)
+    logits, targets = (hidden @ weight.T).view(B, T, V).float(), targets.view(B, T)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, 3:] = False
+    config = softpo.GRPO.replace(beta=0.05, entropy_coef=0.01)
+    kwargs = {k: v.float() for k, v in loss_kwargs(config, reference_logprobs(targets, logits=logits)[0],
+                                                   False).items()}
+    grads, losses = [], []
+    for memory, node in (("default", "LogitsGradientInForward"), ("flat", "LogitsLogprob")):
+        x = logits.clone().requires_grad_()
+        loss = softpo.policy_loss(config, targets, mask, logits=x, impl="triton", memory=memory, **kwargs).loss
+        assert any(node in name for name in _grad_fn_names(loss)), (memory, _grad_fn_names(loss))
+        loss.backward()
+        grads.append(x.grad)
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_scale_kernel_reads_the_factor_on_the_device():
+    from softpo import kernels as K
+
+    for dtype, factor in ((torch.float32, -3.0), (torch.bfloat16, -0.5)):  # bf16: a factor that rounds nothing
+        x = torch.randn(3000, device=DEVICE).to(dtype)
+        kept = x.clone()
+        K.scale_(x, torch.ones(1, device=DEVICE))
+        assert torch.equal(x, kept)
+        K.scale_(x, torch.full((), factor, device=DEVICE))
+        torch.testing.assert_close(x, (kept.float() * factor).to(dtype), rtol=0, atol=0)
 
 
 def test_hidden_path_ignores_an_enclosing_autocast():
@@ -569,11 +678,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 signature[name] = "constexpr"
             elif name in POINTERS:
                 signature[name] = POINTERS[name]
-            elif name in ("logits_ptr", "dlogits_ptr"):
+            elif name in ("logits_ptr", "dlogits_ptr", "x_ptr"):
                 signature[name] = "*" + dtype
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
-            elif name in ("N", "V") or name.startswith("stride"):
+            elif name in ("N", "V", "numel") or name.startswith("stride"):
                 signature[name] = "i32"
             else:
                 signature[name] = "fp32"
@@ -590,16 +699,21 @@ _COMPILE_SCRIPT = textwrap.dedent(
         dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True, IS_BOUND=0),
     ]
     fwd_config, bwd_config = logits._FWD_CONFIGS[1][1], logits._BWD_CONFIGS[1][1]
-    compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms)
+    no_grad = dict(GRAD_IN_FWD=False, HAS_ENT_GRAD=False)
+    compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms,
+                   **no_grad)
     compile_kernel(logits._logits_bwd_kernel, bwd_config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
     compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False,
-                   **all_terms[2])
+                   **all_terms[2], **no_grad)
+    compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=True, STORE_ENTROPY=False,
+                   **all_terms[1], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
+    compile_kernel(logits._scale_kernel, None, "bf16", BLOCK=8192)
     compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
     # Every row of the config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
     for dtype in ("bf16", "fp32"):
         for _, config in logits._FWD_CONFIGS:
             compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
-                           **all_terms[0])
+                           **all_terms[0], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
         for _, config in logits._BWD_CONFIGS:
             compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
     print("compiled")
