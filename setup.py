@@ -12,9 +12,10 @@ setup(
     packages=["softpo", "softpo.integrations", "softpo.kernels"],
     package_dir={"softpo": "softpo", "softpo.kernels": "kernels"},
     install_requires=[
-        # The floor is set by the APIs used: the public FSDP2 `fully_shard` and torch.library custom ops with
-        # autograd (2.6). addmm(out_dtype=) is newer and used only where this torch has it. CI tests 2.13.
-        "torch>=2.6",
+        # The floor is the oldest release CI tests (.ci/run: 2.13, and the newest, 2.15). The APIs used would
+        # allow 2.6 (public FSDP2 `fully_shard`, torch.library custom ops with autograd; addmm(out_dtype=) is
+        # feature-detected), but nothing older than 2.13 is tested.
+        "torch>=2.13",
         "triton>=3.0",
         "transformers>=4.51",
         "tqdm",

@@ -7,6 +7,9 @@ a case; the harness records that reason instead of dropping the provider.
 
 Providers:
 - softpo-triton: softpo's fused Triton kernels (impl="triton"; CUDA only).
+- softpo-triton-flat: the same with memory="flat" (loss cases only): bounded memory on the hidden path,
+  and on the logits path d logits formed by the backward kernel instead of the forward.
+- softpo-compile: torch.compile(fullgraph=True) of a step calling softpo.
 - softpo-torch: softpo's chunked torch sweep (impl="torch").
 - torch-eager: materialized logits, log_softmax, and the loss math of `softpo.objectives`.
 - torch-compile: torch.compile of torch-eager.
@@ -16,6 +19,7 @@ Providers:
 - torch-linear-ce: torch's own `F.linear_cross_entropy` (chunked, torch >= 2.13) as the log-prob, then
   softpo.objectives (hidden path, no entropy).
 - cut-cross-entropy: Apple's `cut-cross-entropy` kernels the same way (CUDA only).
+- quack: quack-kernels' `linear_cross_entropy_func` the same way (CUDA sm_90+ only).
 - trl: TRL's own log-prob (the chunked fused lm_head function GRPOTrainer installs with
   `add_fused_lm_head`, or `selective_log_softmax` on logits) followed by TRL's loss formula.
 
@@ -155,6 +159,13 @@ SETS = {
         Family("hidden", "fwd", LOGP, (4096,), 151936, T=1024),
         Family("hidden", "fwdbwd", SAPO, (4096,), 151936, T=1024),
     )),
+    # Issue 15's targets, each side by side with its peers, in one GPU call: S1 (hidden SAPO) and S3
+    # (GSPO, SPO) at N=16384, S1m (memory="flat") over N, S2 (logits SAPO) at N=16384.
+    "round2": dict(dtype="bf16", H=4096, families=(
+        Family("hidden", "fwdbwd", SAPO, (4096, HEADLINE, 65536), 151936),
+        Family("hidden", "fwdbwd", (("gspo", False), ("spo", False)), (HEADLINE,), 151936),
+        Family("logits", "fwdbwd", SAPO, (HEADLINE,), 151936),
+    )),
     "tiny": dict(dtype="fp32", H=32, families=(
         Family("hidden", "fwdbwd", SAPO, (64,), 1000, T=32),
         Family("logits", "fwdbwd", (("grpo", False),), (64,), 1000, T=32),
@@ -164,7 +175,10 @@ SETS = {
 
 
 def _skips(set_name: str, case: Case) -> tuple[tuple[str, str], ...]:
-    """The providers a set leaves out of a case, with the reason; softpo-compile follows torch-compile."""
+    """The providers a set leaves out of a case, with the reason; softpo-compile follows torch-compile
+    (round2 names every provider it runs)."""
+    if set_name == "round2":
+        return _round2_skips(case)
     skips = _skips_of_set(set_name, case)
     return skips + tuple(("softpo-compile", reason) for name, reason in skips if name == "torch-compile")
 
@@ -188,6 +202,24 @@ def _skips_of_set(set_name: str, case: Case) -> tuple[tuple[str, str], ...]:
         return (("torch-compile", "left out of --quick: a CPU compile per case takes tens of seconds; "
                  "it runs on the N=1024 SAPO cases"),)
     return (("torch-compile", "left out of --tiny: a CPU compile takes tens of seconds"),)
+
+
+ROUND2_PEERS = {
+    # S1: the fused-linear peers a user would pick instead, and TRL; S2: Liger's logits kernel.
+    "hidden": ("softpo-triton", "softpo-triton-flat", "trl", "torch-linear-ce", "cut-cross-entropy", "quack",
+               "softpo-compile"),
+    "logits": ("softpo-triton", "softpo-triton-flat", "liger-triton", "trl", "softpo-compile"),
+}
+
+
+def _round2_skips(case: Case) -> tuple[tuple[str, str], ...]:
+    """round2 runs each target's own comparison only, to fit one GPU call of the session's 15 minutes."""
+    wanted = set(ROUND2_PEERS[case.path])
+    if case.path == "hidden" and (case.objective != "sapo" or case.N != HEADLINE):
+        # S1m over N: softpo's two memory modes and TRL; S3: softpo against itself (SAPO at the same N).
+        wanted = {"softpo-triton", "softpo-triton-flat", "trl"} if case.objective == "sapo" else {"softpo-triton"}
+    others = [name for name in PROVIDERS if name not in wanted]
+    return tuple((name, f"not part of issue 15's {case.path} target measured by this case") for name in others)
 
 
 def case_set(name: str) -> list[Case]:
@@ -307,13 +339,22 @@ class Provider:
 
 
 class SoftpoProvider(Provider):
-    def __init__(self, impl: str, compiled: bool = False):
+    def __init__(self, impl: str, compiled: bool = False, memory: str = "default"):
         # The Triton hidden path forms the gradient in the forward sweep: token-level objectives in every
         # tile, sequence-level ones (GSPO, SPO) in tiles of whole sequences (every case's 2048-token rows
-        # fit one). The chunked torch path and a compiled step (the plain route) recompute the logits.
-        self.recomputes_logits = not (impl == "triton" and not compiled)
+        # fit one). The chunked torch path, a compiled step (the plain route) and memory="flat" recompute
+        # the logits.
+        self.recomputes_logits = not (impl == "triton" and not compiled and memory == "default")
         self.impl = impl
         self.compiled = compiled
+        self.memory = memory
+        if memory == "flat":
+            # The forward is the default's; only a loss's backward differs.
+            self.modes = ("fwdbwd",)
+            self.name = f"softpo-{impl}-flat"
+            self.label = ('softpo (Triton kernels), memory="flat": no V x H fp32 accumulator on the hidden path, '
+                          "no gradient formed in the forward on either path")
+            return
         self.name = "softpo-compile" if compiled else f"softpo-{impl}"
         self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)",
                       "auto": "torch.compile(fullgraph=True) of a step calling softpo (Triton on CUDA, chunked "
@@ -345,7 +386,7 @@ class SoftpoProvider(Provider):
         step = _compiled(_softpo_loss) if self.compiled else _softpo_loss
 
         def run():
-            step(config, targets, inputs["mask"], self.impl, **sweep, **kwargs).backward()
+            step(config, targets, inputs["mask"], self.impl, memory=self.memory, **sweep, **kwargs).backward()
         return run
 
 
@@ -357,10 +398,10 @@ def _softpo_logprobs(targets, entropy, impl, **sweep):
     return softpo.token_logprobs(targets, return_entropy=entropy, impl=impl, **sweep)
 
 
-def _softpo_loss(config, targets, mask, impl, **kwargs):
+def _softpo_loss(config, targets, mask, impl, memory="default", **kwargs):
     import softpo
 
-    return softpo.policy_loss(config, targets, mask, impl=impl, **kwargs).loss
+    return softpo.policy_loss(config, targets, mask, impl=impl, memory=memory, **kwargs).loss
 
 
 _COMPILED: dict = {}
@@ -608,6 +649,32 @@ class CutCrossEntropyProvider(LinearCrossEntropyPeer):
         return linear_cross_entropy(hidden2d, weight, targets1d, reduction="none", filter_eps=None, impl="cce")
 
 
+class QuackProvider(LinearCrossEntropyPeer):
+    name = "quack"
+    label = "quack-kernels linear_cross_entropy_func (CuTe DSL GEMM + cross-entropy, reduction none) + softpo.objectives"
+
+    def _unavailable(self, device):
+        missing = _missing("quack")
+        if missing:
+            return missing
+        if device != "cuda":
+            return "quack-kernels' CuTe DSL kernels need CUDA"
+        if torch.cuda.get_device_capability() < (9, 0):
+            return f"quack-kernels targets sm_90 and newer, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+        try:
+            importlib.import_module("quack.linear_cross_entropy")
+        except Exception as error:  # a CUTLASS DSL that does not match this driver or torch
+            return f"quack.linear_cross_entropy does not import: {type(error).__name__}: {error}"
+        return None
+
+    def _neg_ce(self, hidden2d, weight, targets1d):
+        from quack.linear_cross_entropy import linear_cross_entropy_func
+
+        # Its chunked variant reduces to a mean or sum only; per-token log-probs need reduction="none",
+        # which projects the whole [N, V] logits first.
+        return linear_cross_entropy_func(hidden2d, weight, None, targets1d, reduction="none")
+
+
 def trl_loss(loss_type, level, logp, old_logp, ref_logp, advantages, mask, entropies, *, epsilon_low,
              epsilon_high, beta, sapo_temperature_pos, sapo_temperature_neg, entropy_coef):
     """Mirrors the formula of TRL 1.16 GRPOTrainer._compute_loss for loss_type "grpo" and "sapo"
@@ -708,5 +775,7 @@ PROVIDERS: dict[str, Provider] = {
         TrlProvider(),
         TorchLinearCrossEntropyProvider(),
         CutCrossEntropyProvider(),
+        QuackProvider(),
+        SoftpoProvider("triton", memory="flat"),
     )
 }

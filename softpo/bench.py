@@ -10,6 +10,7 @@ the hidden path (FLOPs), the device-to-device copy bandwidth for the logits path
     softpo bench --device cuda                       # the GPU set: H=4096, V in {128256, 151936}, bf16
     softpo bench --device cuda --resume --time-limit 540   # the same, in pieces under a time limit
     softpo bench --quick --device cpu                # small CPU shapes plus the core memory case
+    softpo bench --device cuda --round2              # issue 15's targets with their peers (bench/gpu_round2.sh)
 
 Writes <out>/<device>-<date>[-<set>].json (out defaults to ./bench/results), a markdown table next to it and
 one PNG per family of cases (time and peak memory against N, one line per provider).
@@ -543,6 +544,8 @@ def parse_args(argv):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small CPU shapes plus the core memory case")
     size.add_argument("--tiny", action="store_true", help="a seconds-long set that exercises the harness")
+    size.add_argument("--round2", action="store_true",
+                      help="issue 15's targets (S1, S1m, S2, S3) with their peers: one GPU call")
     parser.add_argument("--out", default="bench/results", help="output directory (default ./bench/results)")
     parser.add_argument("--providers", default=None, help="comma-separated provider names (default all)")
     parser.add_argument("--only", default=None, help="regular expression: run only the cases whose id matches")
@@ -574,7 +577,7 @@ def parse_args(argv):
 
 def _choose(args, providers) -> tuple[str, list, list[str]]:
     """The set, its cases (--only) and the providers (--providers); ValueError names a bad choice."""
-    set_name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    set_name = "tiny" if args.tiny else "quick" if args.quick else "round2" if args.round2 else "full"
     cases = providers.case_set(set_name)
     if args.only:
         cases = [c for c in cases if re.search(args.only, c.id)]

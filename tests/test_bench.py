@@ -186,3 +186,25 @@ def test_without_the_bench_folder_says_what_to_do(tmp_path, capsys):
     assert bench.main(["--tiny", "--device", "cpu", "--bench-dir", str(tmp_path)]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "--bench-dir" in message and "source checkout" in message
+
+
+def test_profile_step_writes_a_kernel_breakdown(tmp_path):
+    """bench/profile_step.py (issue 15's S1 profile) on a CPU-sized case: a record whose parts add up."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    assert profile_step.main(["--device", "cpu", "--out", str(tmp_path), "--N", "128", "--T", "64", "--H", "32",
+                              "--V", "500", "--dtype", "fp32", "--steps", "2"]) == 0
+    (record,) = tmp_path.glob("cpu-*-profile-hidden-fwdbwd-sapo-N128-*.json")
+    doc = json.loads(record.read_text())
+    assert doc["case"]["N"] == 128 and doc["versions"]["torch"]
+    assert doc["ms_per_step_by_kind"]["matmul"] > 0  # the projection and its two gradient matmuls
+    assert math.isclose(sum(doc["ms_per_step_by_kind"].values()), doc["device_busy_ms_per_step"], rel_tol=1e-9)
+    assert doc["top_kernels"] and all(k["kind"] in dict(profile_step.KINDS) or k["kind"] == "other"
+                                      for k in doc["top_kernels"])
+    assert profile_step.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profile_step.kind_of("_logits_fwd_kernel") == "sweep"
