@@ -73,7 +73,7 @@ class LossConfig:
     vllm_importance_sampling_mode, vllm_importance_sampling_cap, vllm_importance_sampling_clip_min:
         rollout/trainer mismatch correction, applied when `rollout_logp` is given: the weight is clipped
         to (truncate modes) or zeroed outside (mask modes) [clip_min, cap]; None = no bound on that side.
-    spo_loss: "squared" or "bce" (rewards in [0, 1]).
+    spo_loss: "squared" or "bce" (rewards in [0, 1]; Q read as a success probability, `objectives.spo_loss`).
     """
 
     name: str = "custom"

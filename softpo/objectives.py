@@ -305,16 +305,25 @@ def spo_loss(
     Q_T = q0 + beta * sum_t m_t (logp_t - ref_t): the soft Q of the full completion, parameterized
     by the policy itself, so no value model is needed.
     squared: mean_b (Q - R)^2 / 2.
-    bce: with u = min(Q / beta, -1e-4) read as log P(success), mean_b -(R u) - (1 - R) log(1 - e^u).
+    bce: mean_b -(R log p + (1 - R) log(1 - p)), p = expm1(Q / beta) / expm1(1 / beta) the success
+    probability that a soft value Q stands for when rewards are 0 or 1: E[exp(R / beta)] = 1 + p (e^(1 / beta)
+    - 1), the relation `spo_q0` estimates q0 by. Q / beta is held at 1e-6 or more and p at 1 - 1e-6 or
+    less: below Q = 0 and above Q = 1 (where p leaves [0, 1]) no gradient moves Q further.
     """
     cumulative = _masked_sum(logp - ref_logp, mask, -1)
     q = q0 + config.beta * cumulative
     if config.spo_loss == "squared":
         per_seq = (q - rewards).square() / 2
     else:
-        u = (q / config.beta).clamp(max=-1e-4)
-        per_seq = -(rewards * u) - (1 - rewards) * torch.log(-torch.expm1(u))
+        log_norm = 1 / config.beta + math.log(-math.expm1(-1 / config.beta))  # log expm1(1 / beta), any beta
+        log_p = (_log_expm1((q / config.beta).clamp(min=1e-6)) - log_norm).clamp(max=math.log1p(-1e-6))
+        per_seq = -(rewards * log_p) - (1 - rewards) * torch.log(-torch.expm1(log_p))
     return (per_seq.mean() if per_seq.numel() else q.sum()), q
+
+
+def _log_expm1(x: torch.Tensor) -> torch.Tensor:
+    """log(e^x - 1) for x > 0, without overflow for large x (x + log(1 - e^-x))."""
+    return x + torch.log(-torch.expm1(-x))
 
 
 def policy_objective(

@@ -257,9 +257,29 @@ def test_spo_by_hand_and_q0_helper():
     loss, Q = objectives.spo_loss(softpo.SPO, logp, mask, ref, R, q)
     assert Q.item() == pytest.approx(-0.2 + 0.1 * (0.5 - 1.0))
     assert loss.item() == pytest.approx((Q.item() - 0.3) ** 2 / 2)
-    bce, _ = objectives.spo_loss(softpo.SPO.replace(spo_loss="bce"), logp, mask, ref, R, q)
-    u = min(Q.item() / 0.1, -1e-4)
-    assert bce.item() == pytest.approx(-(0.3 * u) - 0.7 * math.log(1 - math.exp(u)))
+    q = torch.tensor([0.4], dtype=torch.float64)  # inside (0, 1), where bce reads Q as a success probability
+    bce, Q = objectives.spo_loss(softpo.SPO.replace(spo_loss="bce"), logp, mask, ref, R, q)
+    p = math.expm1(Q.item() / 0.1) / math.expm1(1 / 0.1)
+    assert bce.item() == pytest.approx(-(0.3 * math.log(p)) - 0.7 * math.log(1 - p))
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 0.001])
+def test_spo_bce_learns_from_rewards_in_0_1(beta):
+    """bce reads Q as the success probability p = expm1(Q / beta) / expm1(1 / beta): at Q = q0 (a group's soft
+    value) p is the group's success rate, and the gradient pushes Q up where R = 1 and down where R = 0."""
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    q0 = softpo.spo_q0(rewards, beta).expand(4).clone()
+    # In log space, as at beta = 0.001 e^(1 / beta) overflows: log p = log expm1(Q / beta) - log expm1(1 / beta).
+    log_p0 = objectives._log_expm1(q0[:1] / beta) - objectives._log_expm1(torch.tensor([1 / beta], dtype=q0.dtype))
+    assert log_p0.exp().item() == pytest.approx(0.5, rel=1e-9)
+    logp = torch.full((4, 3), -1.0, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    loss, q = objectives.spo_loss(softpo.SPO.replace(spo_loss="bce", beta=beta), logp, mask, logp.detach(),
+                                  rewards[0], q0)
+    assert torch.equal(q, q0) and math.isfinite(loss.item())
+    loss.backward()
+    per_sequence = logp.grad.sum(-1)
+    assert (per_sequence[[1, 2]] < 0).all() and (per_sequence[[0, 3]] > 0).all(), per_sequence
 
 
 def test_metrics_values():
