@@ -249,20 +249,15 @@ class TermsArgs:
     is_hi: float = float("inf")
 
     def check(self, N: int, device) -> None:
+        """The launchers' contract (asserted: softpo.triton_ops.terms_args builds these from validated input)."""
         for name in ("advantages", "old_logp", "ref_logp", "is_weight"):
             t = getattr(self, name)
-            if t is None:
-                continue
-            if t.shape != (N,) or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous float32 [{N}] on {device}, got {t.dtype} {t.shape}")
-        if self.gate not in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED):
-            raise ValueError(f"gate must be one of GATE_CLIP, GATE_SOFT, GATE_TRUNCATED, got {self.gate!r}")
-        if self.is_bound not in (IS_AS_GIVEN, IS_TRUNCATE, IS_MASK):
-            raise ValueError(f"is_bound must be one of IS_AS_GIVEN, IS_TRUNCATE, IS_MASK, got {self.is_bound!r}")
-        if self.kl not in (KL_NONE, KL_K1, KL_K2, KL_K3):
-            raise ValueError(f"kl must be one of KL_NONE, KL_K1, KL_K2, KL_K3, got {self.kl!r}")
-        if self.kl != KL_NONE and self.ref_logp is None:
-            raise ValueError("ref_logp is required when kl is not KL_NONE")
+            assert t is None or (t.shape == (N,) and t.dtype == torch.float32 and t.device == device
+                                 and t.is_contiguous()), f"{name}: want contiguous float32 [{N}] on {device}"
+        assert self.gate in (GATE_CLIP, GATE_SOFT, GATE_TRUNCATED), self.gate
+        assert self.is_bound in (IS_AS_GIVEN, IS_TRUNCATE, IS_MASK), self.is_bound
+        assert self.kl in (KL_NONE, KL_K1, KL_K2, KL_K3), self.kl
+        assert self.kl == KL_NONE or self.ref_logp is not None, "ref_logp is required when kl is not KL_NONE"
 
 
 def terms_kwargs(terms: TermsArgs | None, N: int, dummy: torch.Tensor):

@@ -611,19 +611,15 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
     advantages = inputs.advantages
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
     # The epilogue bounds the sampler weight itself (objectives.bound_rollout_weights is its twin); a weight
-    # the caller supplies is used as given, under bounds that leave every weight >= 0 as it is.
+    # the caller supplies is used as given.
     is_weight = inputs.importance_sampling_ratio
+    as_given = is_weight is not None
     if is_weight is None and inputs.rollout_logp is not None:
         is_weight = objectives.raw_rollout_weights(config, inputs.old_logp, inputs.rollout_logp, inputs.mask)
-    elif is_weight is not None:
-        config = config.replace(
-            vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_cap=None,
-            vllm_importance_sampling_clip_min=None,
-        )
     if is_weight is not None:
         is_weight = is_weight.expand(B, T).reshape(-1)
     per_token = dict(advantages=adv.reshape(-1), old_logp=_flat(inputs.old_logp), ref_logp=_flat(inputs.ref_logp),
-                     is_weight=is_weight)
+                     is_weight=is_weight, is_weight_as_given=as_given)
     need_entropy = config.needs_entropy
     if route == "gradient":
         w_term, w_entropy = objectives.loss_weights(config, inputs.mask, normalizer, entropy=need_entropy)

@@ -581,8 +581,13 @@ def triton_token_logprobs(
     return logp, entropy
 
 
-def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None) -> K.TermsArgs:
-    """The kernel epilogue's arguments for a token-level policy objective."""
+def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None,
+               is_weight_as_given=False) -> K.TermsArgs:
+    """The kernel epilogue's arguments for a token-level policy objective.
+
+    is_weight: the raw sampler ratio, which the epilogue bounds as the config says (its torch twin is
+    objectives.bound_rollout_weights), or with is_weight_as_given a weight the caller already bounded.
+    """
     assert config.per_token_terms, config.name
     assert config.beta == 0 or ref_logp is not None, "beta > 0 needs ref_logp"
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
@@ -598,9 +603,8 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
         gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
-        # is_weight is the raw sampler ratio, which the epilogue bounds (objectives.bound_rollout_weights), or a
-        # caller-supplied weight, under a config whose bounds keep it as given (api._fused_sweep).
-        is_bound=K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
+        is_bound=K.IS_AS_GIVEN if is_weight_as_given else
+        K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
         is_lo=config.vllm_importance_sampling_clip_min or 0.0,
         is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
     )
@@ -622,6 +626,7 @@ def triton_fused_token_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
+    is_weight_as_given: bool = False,
 ):
     """The token-level objective's sweep with its gradients formed in the forward: on the hidden path tile
     by tile, on the logits path row by row in the forward kernel (`LogitsGradientInForwardFunction`).
@@ -634,7 +639,7 @@ def triton_fused_token_loss(
     """
     for w in (w_term, w_entropy):
         assert w is None or (w.shape == targets.shape and w.dtype == torch.float32 and w.device == targets.device)
-    terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
+    terms = terms_args(config, advantages, old_logp, ref_logp, is_weight, is_weight_as_given)
     w_term = w_term.contiguous()
     if logits is not None:
         row_idx, n_valid = valid_first(valid)
@@ -697,16 +702,18 @@ def triton_fused_token_terms(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
+    is_weight_as_given: bool = False,
     inplace_backward: bool = False,
     flat_memory: bool = False,
 ):
     """One sweep yielding the per-token terms of a token-level objective (softpo.objectives.token_terms).
 
-    advantages, old_logp, ref_logp, is_weight: fp32 [N] (None: on-policy ratio 1 / no KL / weight 1).
+    advantages, old_logp, ref_logp, is_weight: fp32 [N] (None: on-policy ratio 1 / no KL / weight 1);
+    is_weight_as_given: see `terms_args`.
     Returns (terms fp32 [N] differentiable, logp fp32 [N] detached, entropy fp32 [N] differentiable or
     None). The backward is the log-prob sweep with grad_logp = grad_terms * d term / d logp.
     """
-    terms = terms_args(config, advantages, old_logp, ref_logp, is_weight)
+    terms = terms_args(config, advantages, old_logp, ref_logp, is_weight, is_weight_as_given)
     term, entropy, logp = _apply(
         targets, hidden, weight, logits, temperature, return_entropy, valid, inplace_backward, terms,
         flat_memory=flat_memory,
