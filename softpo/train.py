@@ -629,9 +629,14 @@ def collect(run: Run, step: int) -> Collected:
     sampler_replay = run.replay if args.routing_replay == "rollout" else None
     batch = rollout(run.model, run.tokenizer, prompts, args, device, sampler_replay) if prompts else None
     repeated = [p for p in prompts for _ in range(args.group_size)]
-    rewards = torch.tensor(run.reward_fn(repeated, batch["texts"]) if prompts else [], dtype=torch.float32)
-    if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
-        raise ValueError(f"reward function must return {len(repeated)} finite floats")
+
+    def score():
+        rewards = torch.tensor(run.reward_fn(repeated, batch["texts"]) if prompts else [], dtype=torch.float32)
+        if rewards.shape != (len(repeated),) or not bool(torch.isfinite(rewards).all()):
+            raise ValueError(f"reward function must return {len(repeated)} finite floats")
+        return rewards
+
+    rewards = raise_on_every_rank(score, run.world, "the reward function")
     grouped = rewards.view(len(prompts), args.group_size)
     advantages = group_advantages(grouped, run.scale_rewards).flatten().to(device)
     q0 = None
@@ -927,6 +932,26 @@ def start_processes(args) -> tuple[int, int, torch.device]:
 def control_state(control):
     """The adaptive-entropy controller between optimizer steps (its window is empty then), for checkpoint.pt."""
     return None if control is None else {"coef": control.coef, "last_entropy": control.last_entropy}
+
+
+def raise_on_every_rank(compute, world: int, what: str):
+    """compute() on this rank; if it raised on any rank, every rank raises, naming the rank and its error.
+    User code (a reward function) may fail on one rank only: alone, that rank would leave the others
+    waiting in their next collective."""
+    try:
+        value, error = compute(), None
+    except Exception as exc:  # noqa: BLE001 -- any failure of user code is reported on every rank
+        value, error = None, exc
+    errors = [None if error is None else f"{type(error).__name__}: {error}"]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        where = f" on rank {rank}" if world > 1 else ""
+        raise RuntimeError(f"{what} failed{where}: {message}") from error
+    return value
 
 
 def same_on_every_rank(value, world: int):

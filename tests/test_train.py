@@ -233,6 +233,37 @@ def test_data_parallel_two_processes_stay_identical(tmp_path):
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
 
 
+def reward_failing_on_rank_1(prompts, texts):
+    """A --reward function whose own bug shows on one rank only."""
+    if os.environ.get("RANK") == "1":
+        raise KeyError("a sample this rank's reward code did not expect")
+    return [0.5] * len(texts)
+
+
+def _failing_reward_worker(rank, world, port, argv, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    try:
+        train.main(argv)
+        message = "no error"
+    except RuntimeError as error:
+        message = str(error)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w", encoding="utf-8") as handle:
+        handle.write(message)
+
+
+def test_a_reward_failing_on_one_rank_stops_every_rank(tmp_path):
+    """Every rank raises, naming rank 1 and its error, instead of rank 0 waiting in the gradient all-reduce
+    until the group's timeout (the deadline would fail this test)."""
+    from distributed import free_port, spawn_with_deadline
+
+    argv = [*TINY, "--steps", "1", "--reward", "test_train:reward_failing_on_rank_1", "--out", str(tmp_path / "run")]
+    spawn_with_deadline(_failing_reward_worker, 2, lambda: (2, free_port(), argv, str(tmp_path)), 300)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "the reward function failed on rank 1: KeyError" in message, (rank, message)
+
+
 def test_local_dense_model_directory(tmp_path):
     """--model DIR: any local causal LM with its own tokenizer; a dense model has no router metrics."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
