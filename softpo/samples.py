@@ -189,6 +189,15 @@ class Pool:
                 self.score(group)
             self.recent.append(groups)
 
+    def recent_state(self) -> list[list[dict]] | None:
+        """The replay buffer as plain data, for a checkpoint (the offline groups come from their files)."""
+        return None if self.recent is None else [[dataclasses.asdict(g) for g in step] for step in self.recent]
+
+    def restore_recent(self, state: list[list[dict]] | None) -> None:
+        """The replay buffer a checkpoint saved (scored already); a smaller --replay keeps its last steps."""
+        if self.recent is not None and state:
+            self.recent.extend([Group(**g) for g in step] for step in state)
+
     def draw(self, count: int, group_size: int, rng: random.Random):
         """`count` groups, G samples each: [(group, sample indices)]."""
         every = self.offline + [g for step in (self.recent or ()) for g in step]

@@ -461,7 +461,8 @@ def train(args) -> int:
             bar.set_postfix(reward=f"{shown:.3f}", loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(run.run_dir, step + 1, run.model, run.optimizer, run.device, run.world,
-                            {"entropy_control": control_state(run.entropy_control)})
+                            {"entropy_control": control_state(run.entropy_control)},
+                            replay=None if run.pool is None else run.pool.recent_state())
             if run.main_rank and not args.no_progress and data.prompts:
                 bar.write(f"step {step + 1}: {data.prompts[0]!r} -> {data.batch['texts'][0]!r} "
                           f"(reward {data.rewards[0].item():.2f})")
@@ -826,11 +827,13 @@ def finish(run: Run) -> None:
 # ---------------------------------------------------------------- run directory and checkpoints
 
 
-def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None):
-    states = [rng_state(device)]
+def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None, replay=None):
+    """checkpoint.pt (and the FSDP2 shards): model, optimizer, every rank's RNG state and replay buffer
+    (`replay`: this rank's `Pool.recent_state()`), plus `extra`."""
+    states = [(rng_state(device), replay)]
     if world > 1:
         states = [None] * world
-        dist.all_gather_object(states, rng_state(device))
+        dist.all_gather_object(states, (rng_state(device), replay))
     sharded = distributed.is_sharded(model)
     if sharded:
         # Each rank writes its shards; checkpoint.pt (written last) holds the step, RNG states and world size.
@@ -838,7 +841,8 @@ def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     path = os.path.join(run_dir, "checkpoint.pt")
-    state = {"step": step, "rng": states, "world_size": world, "sharded": sharded, **(extra or {})}
+    state = {"step": step, "rng": [rng for rng, _ in states], "replay": [buffer for _, buffer in states],
+             "world_size": world, "sharded": sharded, **(extra or {})}
     if not sharded:
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     torch.save(state, path + ".tmp")
@@ -883,6 +887,8 @@ def load_checkpoint(run: Run) -> None:
     if run.device.type == "cuda" and "cuda" in state["rng"][run.rank]:
         torch.cuda.set_rng_state(state["rng"][run.rank]["cuda"], run.device)
     run.start = state["step"]
+    if run.pool is not None and state.get("replay"):
+        run.pool.restore_recent(state["replay"][run.rank])
     if run.entropy_control is not None and state.get("entropy_control") is not None:
         run.entropy_control = softpo.AdaptiveEntropy(**state["entropy_control"])
     if os.path.isfile(run.metrics_path):

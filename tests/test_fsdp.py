@@ -48,11 +48,11 @@ def _train_worker(rank, world, port, argv, dump_dir):
     _join_group(rank, world, port)
     original = train.save_checkpoint
 
-    def save_and_dump(run_dir, step, model, *rest):
+    def save_and_dump(run_dir, step, model, *rest, **options):
         # A collective under FSDP2: every rank gathers, each writes its own copy.
         full = {k: v.detach().clone() for k, v in distributed.full_state_dict(model).items()}
         torch.save(full, os.path.join(dump_dir, f"rank{rank}-step{step}.pt"))
-        return original(run_dir, step, model, *rest)
+        return original(run_dir, step, model, *rest, **options)
 
     train.save_checkpoint = save_and_dump
     if train.main(argv) != 0:

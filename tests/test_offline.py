@@ -202,6 +202,23 @@ def test_replay_buffer_reuses_own_samples(tmp_path):
     assert all(r["offline_reward_mean"] is not None for r in rows[1:])
 
 
+def test_resume_with_replay_equals_uninterrupted_run(tmp_path):
+    """The replay buffer is in the checkpoint: a run resumed at step 2 replays what the whole run replays."""
+    common = [*TINY, "--loss", "gspo", "--replay", "2", "--save-every", "2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train.main([*common, "--steps", "4", "--out", str(whole)]) == 0
+    assert train.main([*common, "--steps", "2", "--out", str(split)]) == 0
+    saved = torch.load(split / "checkpoint.pt", weights_only=False)["replay"]
+    # The groups this rank generated: all 4 at step 1; at step 2, 2 (the other 2 were replayed).
+    assert [len(step) for step in saved[0]] == [4, 2]
+    assert train.main(["--resume", str(split), "--steps", "4"]) == 0
+    timing = {"tokens_per_s", "peak_mem_mb", "step_time_s"}
+    expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(expected, got):
+        assert {k: a[k] for k in a.keys() - timing} == {k: b[k] for k in b.keys() - timing}, a["step"]
+
+
 def test_fully_offline_spo(saved_run, tmp_path):
     run = tmp_path / "offline"
     assert train.main([*TINY, "--loss", "spo", "--steps", "2", "--offline", str(saved_run / "samples.jsonl"),

@@ -201,9 +201,9 @@ def _ddp_worker(rank, world, port, argv, dump_dir):
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     original = train.save_checkpoint
 
-    def save_and_dump(run_dir, step, model, *rest):
+    def save_and_dump(run_dir, step, model, *rest, **options):
         torch.save(model.state_dict(), os.path.join(dump_dir, f"rank{rank}.pt"))
-        return original(run_dir, step, model, *rest)
+        return original(run_dir, step, model, *rest, **options)
 
     train.save_checkpoint = save_and_dump
     if train.main(argv) != 0:
