@@ -475,11 +475,13 @@ def policy_loss(
     entropy_gather: see `objectives.high_entropy_mask`.
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
-    memory: "default" or "flat", as in `token_logprobs`; flat also forms no gradient in the forward, which
-    holds a V x H fp32 d weight accumulator (hidden path) or d logits [N, V] (logits path) from the forward
-    to the backward. On the logits path the default forms d logits in the forward and scales them by the
-    loss's upstream gradient in the backward, in place: free when that gradient is 1 (`loss.backward()`),
-    one more pass over them otherwise, so fold constant factors into `normalizer` rather than the loss.
+    memory: "default" or "flat", as in `token_logprobs`. Where the gradient is formed in the forward (see
+    `_route`), flat forms only d hidden there and d weight in the backward, vocabulary-major, with no V x H
+    fp32 accumulator (hidden path), or forms no gradient in the forward, whose d logits [N, V] would be
+    held until the backward (logits path). On the logits path the default forms d logits in the forward
+    and scales them by the loss's upstream gradient in the backward, in place: free when that gradient is
+    1 (`loss.backward()`), one more pass over them otherwise, so fold constant factors into `normalizer`
+    rather than the loss.
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
@@ -501,14 +503,15 @@ def policy_loss(
     surrogate = terms = None
     tiles = None
     if route == "sequence-gradient":
-        tiles = _triton_ops().sequence_tiles(mask.reshape(-1), T, weight.shape[0], hidden.element_size())
+        tiles = _triton_ops().sequence_tiles(mask.reshape(-1), T, weight.shape[0], hidden.element_size(),
+                                             inputs.flat_memory)
         route = "plain" if tiles is None else route  # a sequence longer than a tile: two passes
     if route == "sequence-gradient":
         surrogate, logp, entropy = _triton_ops().triton_sequence_loss(
             flat_targets, tiles, _sequence_gradients(config, inputs, normalizer, entropy_gather,
                                                   accumulation_dtype(hidden.dtype)),
             hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, temperature=inputs.temperature,
-            return_entropy=config.needs_entropy,
+            return_entropy=config.needs_entropy, flat_memory=inputs.flat_memory,
         )
     elif route == "plain":
         logp, entropy = _logprob_sweep(inputs.path, flat_targets, hidden, weight, logits, inputs.temperature,
@@ -544,9 +547,10 @@ def _route(config, inputs: _LossInputs, hidden, weight, logits, shard) -> str:
         gate and KL, so one launch yields the terms and the coefficient their backward needs.
     "gradient": "terms" with gradients wanted: the loss is linear in the terms and the entropy, so the
         gradient is formed during the forward sweep: each hidden-path logits tile becomes its gradient
-        (not with memory="flat": it holds a V x H fp32 d weight accumulator from the forward to the
-        backward); on the logits path the forward kernel writes each row's d logits right after its
-        log-sum-exp (two reads and one write of the logits instead of three reads and one write).
+        (with memory="flat" only d hidden, d weight then taking the backward's vocabulary-major pass
+        instead of a V x H fp32 accumulator); on the logits path the forward kernel writes each row's d
+        logits right after its log-sum-exp (two reads and one write of the logits instead of three
+        reads and one write; not with memory="flat", which allocates d logits in the backward only).
     "sequence-gradient": "gradient" on the hidden path for sequence-level objectives (GSPO, GSPO-token, LUSPO, VESPO, SPO):
         their per-token gradients need only their own sequence's log-probs, so tiles that hold whole
         sequences can form them in the forward too (a sequence longer than a tile falls back to "plain").
@@ -561,8 +565,8 @@ def _route(config, inputs: _LossInputs, hidden, weight, logits, shard) -> str:
     if config.per_token_terms:
         if inputs.rollout_logp is not None and inputs.old_logp is None:
             return "plain"
-        return "gradient" if wants_grad and not inputs.flat_memory else "terms"
-    if hidden is not None and wants_grad and not inputs.flat_memory and config.top_entropy_quantile == 1:
+        return "gradient" if wants_grad and not (logits is not None and inputs.flat_memory) else "terms"
+    if hidden is not None and wants_grad and config.top_entropy_quantile == 1:
         return "sequence-gradient"
     return "plain"
 
@@ -626,8 +630,9 @@ def _fused_sweep(route, config, inputs: _LossInputs, flat_targets, valid, hidden
         return _triton_ops().triton_fused_token_loss(
             config, flat_targets, valid,
             hidden=None if hidden is None else hidden.reshape(-1, hidden.shape[-1]), weight=weight,
-            logits=None if logits is None else logits.reshape(-1, logits.shape[-1]), w_term=w_term.reshape(-1), w_entropy=None if w_entropy is None else w_entropy.reshape(-1),
-            temperature=inputs.temperature, return_entropy=need_entropy, **per_token,
+            logits=None if logits is None else logits.reshape(-1, logits.shape[-1]), w_term=w_term.reshape(-1),
+            w_entropy=None if w_entropy is None else w_entropy.reshape(-1), temperature=inputs.temperature,
+            return_entropy=need_entropy, flat_memory=inputs.flat_memory, **per_token,
         )
     terms, logp, entropy = _triton_ops().triton_fused_token_terms(
         config, flat_targets, valid,

@@ -127,15 +127,16 @@ def _tiles_over(hidden, weight, indices, max_rows):
         yield idx, h, z
 
 
-def sequence_tiles(valid, seq_len: int, V: int, element_size: int):
+def sequence_tiles(valid, seq_len: int, V: int, element_size: int, flat_memory: bool = False):
     """Tiles of whole sequences for the gradient-in-forward route of sequence-level objectives: positions of
-    the valid tokens of consecutive sequences (rows of [B, seq_len]), as many as fit one tile. None when one
-    sequence alone exceeds a tile; then the objective needs the two-pass route."""
+    the valid tokens of consecutive sequences (rows of [B, seq_len]), as many as fit one tile (TILE_BYTES,
+    or FLAT_TILE_BYTES with flat_memory). None when one sequence alone exceeds a tile; then the objective
+    needs the two-pass route."""
     N = valid.numel()
     rows = valid.nonzero().squeeze(-1)
     if rows.numel() == 0:
         return None
-    capacity = _tile_rows(N, V, element_size)
+    capacity = _tile_rows(N, V, element_size, FLAT_TILE_BYTES if flat_memory else None)
     counts = torch.bincount(rows // seq_len, minlength=N // seq_len).tolist()
     if max(counts) > capacity:
         return None
@@ -313,8 +314,10 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
     before the sweep (the loss is linear in its terms and the entropy); a sequence-level one's are known
     once the tile's whole sequences have their log-probs, so its tiles hold whole sequences (`tiles`). Each
     tile then becomes its own gradient right after its forward sweep: three matmuls of 2NHV, no logits
-    recomputed. Returns (surrogate, entropy, logp, term): the surrogate, zero-valued, carries the precomputed
-    gradients (scaled by its incoming gradient); the others are detached.
+    recomputed. With `sweep.flat_memory` only d hidden is formed so (on tiles of FLAT_TILE_BYTES), and d
+    weight waits for the backward's vocabulary-major pass (`_hidden_backward_flat`): 8NHV and no V x H fp32
+    accumulator. Returns (surrogate, entropy, logp, term): the surrogate, zero-valued, carries the gradients
+    (scaled by its incoming gradient); the others are detached.
     """
 
     @staticmethod
@@ -325,11 +328,12 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
         outputs = _sweep_outputs(hidden.shape[0], hidden.device, sweep, rows)
         logp, lse, entropy, term, _ = outputs
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight, rows)
+        flat = sweep.flat_memory
+        d_hidden, d_weight = _gradient_buffers(hidden, weight, need_hidden, need_weight and not flat, rows)
         g_logp = torch.zeros_like(logp)
         g_entropy = None
         if tiles is None:
-            tiled = _projected_tiles(hidden, weight, rows)
+            tiled = _projected_tiles(hidden, weight, rows, FLAT_TILE_BYTES if flat else None)
         else:
             tiled = _tiles_over(hidden, weight, tiles, max(t.numel() for t in tiles))
         with _no_autocast(hidden):
@@ -342,18 +346,29 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
                     put(g_entropy, idx, g_entropy_tile)
                 _backward_tile(z, h, idx, weight, sweep.targets, lse, g_logp, entropy, g_entropy,
                                sweep.temperature, d_hidden, d_weight)
-        ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        ctx.weight_in_backward = flat and need_weight
+        if ctx.weight_in_backward:
+            ctx.temperature = sweep.temperature
+            ctx.save_for_backward(d_hidden, hidden, weight, sweep.targets, rows, lse, entropy, g_logp, g_entropy)
+        else:
+            ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
         return logp.new_zeros(()), entropy, logp, term
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_surrogate, *_):
-        d_hidden, d_weight = ctx.saved_tensors
         if g_surrogate is None:
             return None, None, None, None, None
         scale = lambda d: None if d is None else d * g_surrogate.to(d.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), None, None, None
+        if not ctx.weight_in_backward:
+            d_hidden, d_weight = ctx.saved_tensors
+            return scale(d_hidden), scale(d_weight), None, None, None
+        d_hidden, hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy = ctx.saved_tensors
+        # The per-token gradients take the scale, so the vocabulary-major pass writes d weight final.
+        _, d_weight = _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, scale(g_logp),
+                                            scale(g_entropy), ctx.temperature, False, True)
+        return scale(d_hidden), d_weight, None, None, None
 
 
 class LogitsLogprobFunction(torch.autograd.Function):
@@ -627,6 +642,7 @@ def triton_fused_token_loss(
     ref_logp: torch.Tensor | None = None,
     is_weight: torch.Tensor | None = None,
     is_weight_as_given: bool = False,
+    flat_memory: bool = False,
 ):
     """The token-level objective's sweep with its gradients formed in the forward: on the hidden path tile
     by tile, on the logits path row by row in the forward kernel (`LogitsGradientInForwardFunction`).
@@ -655,7 +671,7 @@ def triton_fused_token_loss(
 
     surrogate, entropy, logp, term = _apply(
         targets, hidden, weight, None, temperature, return_entropy or w_entropy is not None, valid, False, terms,
-        gradients=(None, tile_gradients),
+        gradients=(None, tile_gradients), flat_memory=flat_memory,
     )
     return surrogate, term, logp, entropy
 
@@ -669,6 +685,7 @@ def triton_sequence_loss(
     weight: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    flat_memory: bool = False,
 ):
     """A sequence-level objective on the hidden path with its gradients formed in the forward.
 
@@ -683,7 +700,7 @@ def triton_sequence_loss(
 
     surrogate, entropy, logp, _ = _apply(
         targets, hidden, weight, None, temperature, return_entropy, None, False, None,
-        gradients=(tiles, from_outputs),
+        gradients=(tiles, from_outputs), flat_memory=flat_memory,
     )
     return surrogate, logp, entropy
 

@@ -1,5 +1,6 @@
-"""memory="flat": the hidden path's backward without a V x H fp32 accumulator (token-major d hidden,
-vocabulary-major d weight) gives the default mode's results, against float64, on both paths."""
+"""memory="flat": the hidden path without a V x H fp32 accumulator (d hidden token-major, in the forward where
+the gradient is formed there; d weight vocabulary-major) gives the default mode's results, against float64,
+on both paths."""
 
 import math
 
@@ -85,16 +86,31 @@ def test_flat_token_logprobs_with_entropy(impl):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
 
 
-def test_flat_skips_the_gradient_in_the_forward(monkeypatch):
-    """The gradient-in-forward route holds a V x H fp32 d weight from forward to backward: not with flat."""
-    calls = []
-    real = triton_ops.HiddenGradientInForwardFunction.apply
+@pytest.mark.parametrize("config", [softpo.SAPO, softpo.GSPO], ids=["token-level", "sequence-level"])
+def test_flat_forms_d_hidden_in_the_forward_and_d_weight_in_the_backward(monkeypatch, config):
+    """The gradient-in-forward routes under flat: d hidden tile by tile in the forward, no V x H fp32 accumulator,
+    d weight from the backward's vocabulary-major pass with the upstream gradient folded into the per-token
+    gradients (so a factor of 2 doubles every gradient exactly)."""
+    routes, accumulators, passes = [], [], []
+    real_apply = triton_ops.HiddenGradientInForwardFunction.apply
+    real_buffers, real_flat = triton_ops._gradient_buffers, triton_ops._hidden_backward_flat
     monkeypatch.setattr(triton_ops.HiddenGradientInForwardFunction, "apply",
-                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+                        staticmethod(lambda *a: routes.append(1) or real_apply(*a)))
+    # _gradient_buffers(hidden, weight, need_hidden, need_weight, rows): need_weight allocates the accumulator.
+    monkeypatch.setattr(triton_ops, "_gradient_buffers", lambda *a: accumulators.append(a[3]) or real_buffers(*a))
+    monkeypatch.setattr(triton_ops, "_hidden_backward_flat",
+                        lambda *a: passes.append(a[-2:]) or real_flat(*a))
     hidden, weight, targets, mask = _inputs(2)
-    for memory, expected in (("default", 1), ("flat", 1)):
-        _run(softpo.SAPO, "triton", torch.float32, memory, hidden, weight, targets, mask)
-        assert len(calls) == expected
+    _run(config, "triton", torch.float32, "default", hidden, weight, targets, mask)
+    assert (routes, accumulators, passes) == ([1], [True], [])
+    loss, _, d_hidden, d_weight = _run(config, "triton", torch.float32, "flat", hidden, weight, targets, mask)
+    assert (routes, accumulators, passes) == ([1, 1], [True, False], [(False, True)])
+    h, w = hidden.float().clone().requires_grad_(), weight.float().clone().requires_grad_()
+    kwargs = loss_kwargs(config, torch.zeros(B, T, dtype=torch.float64) - 5, uses_rollout=False)
+    out = softpo.policy_loss(config, targets, mask, hidden=h, weight=w, temperature=0.8, impl="triton",
+                             memory="flat", **kwargs)
+    (2 * out.loss).backward()
+    assert torch.equal(h.grad, 2 * d_hidden) and torch.equal(w.grad, 2 * d_weight)
 
 
 def test_bad_memory_mode():
