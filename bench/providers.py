@@ -7,8 +7,9 @@ a case; the harness records that reason instead of dropping the provider.
 
 Providers:
 - softpo-triton: softpo's fused Triton kernels (impl="triton"; CUDA only).
-- softpo-triton-flat: the same with memory="flat" (loss cases only): bounded memory on the hidden path,
-  and on the logits path d logits formed by the backward kernel instead of the forward.
+- softpo-triton-flat: the same with memory="flat" (loss cases only): bounded memory on the hidden path
+  (d weight formed in the backward, vocabulary-major), and on the logits path d logits formed by the
+  backward kernel instead of the forward.
 - softpo-compile: torch.compile(fullgraph=True) of a step calling softpo.
 - softpo-torch: softpo's chunked torch sweep (impl="torch").
 - torch-eager: materialized logits, log_softmax, and the loss math of `softpo.objectives`.
@@ -352,8 +353,8 @@ class SoftpoProvider(Provider):
             # The forward is the default's; only a loss's backward differs.
             self.modes = ("fwdbwd",)
             self.name = f"softpo-{impl}-flat"
-            self.label = ('softpo (Triton kernels), memory="flat": no V x H fp32 accumulator on the hidden path, '
-                          "no gradient formed in the forward on either path")
+            self.label = ('softpo (Triton kernels), memory="flat": no V x H fp32 accumulator on the hidden path '
+                          "(d weight in the backward, 8NHV), no d logits held from the forward on the logits path")
             return
         self.name = "softpo-compile" if compiled else f"softpo-{impl}"
         self.label = {"triton": "softpo (Triton kernels)", "torch": "softpo (chunked torch)",
