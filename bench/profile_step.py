@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"{args.device}-{slug}-{doc['date'][:10]}-profile-{case.id}-{args.memory}.json")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(doc, handle, indent=1)
-    print(f"{path}: {result['wall_ms_per_step']:.2f} ms per step, device busy {result['device_busy_ms_per_step']:.2f} ms;"
-          f" by kind {', '.join(f'{k} {v:.2f}' for k, v in result['ms_per_step_by_kind'].items())}")
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in result["ms_per_step_by_kind"].items())
+    print(f"{path}: {result['wall_ms_per_step']:.2f} ms per step, device busy "
+          f"{result['device_busy_ms_per_step']:.2f} ms; by kind {kinds}")
     return 0
 
 

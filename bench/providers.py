@@ -652,7 +652,8 @@ class CutCrossEntropyProvider(LinearCrossEntropyPeer):
 
 class QuackProvider(LinearCrossEntropyPeer):
     name = "quack"
-    label = "quack-kernels linear_cross_entropy_func (CuTe DSL GEMM + cross-entropy, reduction none) + softpo.objectives"
+    label = ("quack-kernels linear_cross_entropy_func (CuTe DSL GEMM + cross-entropy, reduction none) + "
+             "softpo.objectives")
 
     def _unavailable(self, device):
         missing = _missing("quack")
@@ -660,8 +661,9 @@ class QuackProvider(LinearCrossEntropyPeer):
             return missing
         if device != "cuda":
             return "quack-kernels' CuTe DSL kernels need CUDA"
-        if torch.cuda.get_device_capability() < (9, 0):
-            return f"quack-kernels targets sm_90 and newer, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+        major, minor = torch.cuda.get_device_capability()
+        if major < 9:
+            return f"quack-kernels targets sm_90 and newer, this GPU is sm_{major}{minor}"
         try:
             importlib.import_module("quack.linear_cross_entropy")
         except Exception as error:  # a CUTLASS DSL that does not match this driver or torch

@@ -551,9 +551,10 @@ def _route(config, inputs: _LossInputs, hidden, weight, logits, shard) -> str:
         instead of a V x H fp32 accumulator); on the logits path the forward kernel writes each row's d
         logits right after its log-sum-exp (two reads and one write of the logits instead of three
         reads and one write; not with memory="flat", which allocates d logits in the backward only).
-    "sequence-gradient": "gradient" on the hidden path for sequence-level objectives (GSPO, GSPO-token, LUSPO, VESPO, SPO):
-        their per-token gradients need only their own sequence's log-probs, so tiles that hold whole
-        sequences can form them in the forward too (a sequence longer than a tile falls back to "plain").
+    "sequence-gradient": "gradient" on the hidden path for sequence-level objectives (GSPO, GSPO-token,
+        LUSPO, VESPO, SPO): their per-token gradients need only their own sequence's log-probs, so tiles
+        that hold whole sequences can form them in the forward too (a sequence longer than a tile falls
+        back to "plain").
         Not with a top-entropy quantile, whose threshold couples every token of the batch.
     A vocab-parallel sweep knows a token's log-prob only after the group combines, so it takes "plain";
     so does a compiled call (torch.compile sees the plain sweep as one opaque op).
