@@ -360,7 +360,7 @@ class ObjectivePieces:
     policy_mask: torch.Tensor | None = None
     q: torch.Tensor | None = None
     adv: torch.Tensor | None = None
-    ratio: torch.Tensor | None = None
+    ratio: torch.Tensor | None = None  # None when the terms came evaluated
     is_weight: torch.Tensor | None = None
     off_policy_keep: torch.Tensor | None = None
     vespo_weight: torch.Tensor | None = None
@@ -398,7 +398,6 @@ def objective_loss(
         adv_given = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         adv = adv_given.expand_as(logp)
         old = logp.detach() if old_logp is None else old_logp
-        ratio = bounded_exp(log_importance_ratio(config, logp, old_logp, mask))
         is_weight = None
         if importance_sampling_ratio is not None:
             is_weight = importance_sampling_ratio.detach()
@@ -416,10 +415,12 @@ def objective_loss(
         vespo_weight = None
         if config.gate == "vespo":
             vespo_weight = vespo_weights(config, logp, old, mask, adv_given, is_weight)
+        ratio = None  # terms given (by the kernel epilogue): the metrics form the ratio if they are read
         if terms is None:
+            ratio = bounded_exp(log_importance_ratio(config, logp, old_logp, mask))
             terms = _policy_terms(config, logp, ratio, adv, ref_logp, is_weight, keep, vespo_weight)
         loss = aggregate(config, terms, mask, normalizer)
-        pieces.update(policy_loss=loss.detach(), adv=adv, ratio=ratio.detach(), is_weight=is_weight,
+        pieces.update(policy_loss=loss.detach(), adv=adv, ratio=detached(ratio), is_weight=is_weight,
                       vespo_weight=detached(vespo_weight))
     if entropy is not None and config.entropy_coef != 0:
         loss = loss - entropy_bonus(config, entropy, pieces["policy_mask"])
@@ -445,7 +446,8 @@ def objective_metrics(config: LossConfig, pieces: ObjectivePieces) -> dict[str, 
                 p.vespo_weight.mean() if p.vespo_weight.shape[-1] == 1 else _masked_mean(p.vespo_weight, mask)
             )
         metrics["policy_loss"] = p.policy_loss
-        _ratio_metrics(config, metrics, p.ratio, p.adv, mask, p.logp, p.old_logp)
+        ratio = p.ratio if p.ratio is not None else bounded_exp(log_importance_ratio(config, p.logp, p.old_logp, mask))
+        _ratio_metrics(config, metrics, ratio, p.adv, mask, p.logp, p.old_logp)
         if p.ref_logp is not None:
             metrics["kl"] = _masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
     if p.entropy is not None:

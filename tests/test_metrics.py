@@ -104,3 +104,29 @@ def test_ratio_and_clip_metrics_from_first_principles():
     torch.testing.assert_close(m["ratio_max"], ratios.max())
     # e^0.5 > 1.2 with A > 0 is clipped high; e^-0.5 < 0.8 has A > 0 (not clipped); e^0.1 with A < 0 is in range.
     assert float(m["clip_fraction_high"]) == 0.25 and float(m["clip_fraction_low"]) == 0.0
+
+
+@pytest.mark.parametrize("path", ["hidden", "logits"])
+@pytest.mark.parametrize("config", [softpo.GRPO.replace(beta=0.04), softpo.SAPO.replace(entropy_coef=0.01),
+                                    softpo.CISPO], ids=["grpo-kl", "sapo-entropy", "cispo"])
+def test_metrics_of_the_fused_routes(config, path):
+    """With the terms evaluated in the kernel epilogue, the ratio metrics are formed at the first read: the same
+    values as the objective's own on the same log-probs."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / 3
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    inputs = {"logits": (hidden @ weight.T).requires_grad_()} if path == "logits" else {
+        "hidden": hidden.requires_grad_(), "weight": weight}
+    advantages = torch.randn(B, generator=g)
+    old_logp = torch.randn(B, T, generator=g) * 0.2 - 3
+    ref_logp = torch.randn(B, T, generator=g) * 0.2 - 3
+    out = softpo.policy_loss(config, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, impl="triton",
+                             **inputs)
+    out.loss.backward()
+    _, expected = objectives.policy_objective(config, out.logp, mask, advantages, old_logp=old_logp,
+                                              ref_logp=ref_logp, entropy=out.entropy)
+    assert set(out.metrics) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out.metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
