@@ -10,6 +10,16 @@ from softpo import objectives
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+def random_lm_head_inputs(B, T, H, V, *, seed=0, dtype=torch.float64):
+    """hidden [B, T, H], an lm_head weight [V, H] scaled so that logits have a standard deviation near 2 (as a
+    trained head gives), and targets [B, T]: drawn in float64 from `seed`, then cast to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2 / H**0.5)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
 def reference_logprobs(targets, *, hidden=None, weight=None, logits=None, temperature=1.0):
     """(logp, entropy) from materialized logits, in the inputs' dtype (as plain torch would)."""
     z = hidden @ weight.T if logits is None else logits

@@ -8,7 +8,9 @@ import torch
 import softpo
 from softpo import chunked, objectives
 
-from reference import all_configs, assert_close_to_gt, loss_kwargs, reference_logprobs, reference_policy_loss
+from reference import (
+    all_configs, assert_close_to_gt, loss_kwargs, random_lm_head_inputs, reference_logprobs, reference_policy_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -23,11 +25,7 @@ def small_chunks(monkeypatch):
 
 
 def _hidden_inputs(B, T, H, V, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H) * 2
-    targets = torch.randint(0, V, (B, T), generator=g)
-    return hidden.to(dtype), weight.to(dtype), targets
+    return random_lm_head_inputs(B, T, H, V, seed=seed, dtype=dtype)
 
 
 SHAPES = [

@@ -2,15 +2,13 @@
 the gradient is formed there; d weight vocabulary-major) gives the default mode's results, against float64,
 on both paths."""
 
-import math
-
 import pytest
 import torch
 
 import softpo
 from softpo import chunked, triton_ops
 
-from reference import assert_close_to_gt, assert_norm_close_to_gt, loss_kwargs
+from reference import assert_close_to_gt, assert_norm_close_to_gt, loss_kwargs, random_lm_head_inputs
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -27,10 +25,7 @@ def small_blocks(monkeypatch):
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2 / math.sqrt(H))
-    targets = torch.randint(0, V, (B, T), generator=g)
+    hidden, weight, targets = random_lm_head_inputs(B, T, H, V, seed=seed)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 4:] = False
     return hidden, weight, targets, mask

@@ -2,15 +2,13 @@
 whole sequences, each tile's per-token gradients from the objective by autograd. Same loss, log-probs and
 gradients as the two-pass route, against float64 (the kernels under the interpreter on CPU)."""
 
-import math
-
 import pytest
 import torch
 
 import softpo
 from softpo import triton_ops
 
-from reference import TOLERANCE, assert_close_to_gt, loss_kwargs
+from reference import TOLERANCE, assert_close_to_gt, loss_kwargs, random_lm_head_inputs
 
 B, T, H, V = 5, 6, 16, 97
 
@@ -31,10 +29,7 @@ CONFIGS = [
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2 / math.sqrt(H))
-    targets = torch.randint(0, V, (B, T), generator=g)
+    hidden, weight, targets = random_lm_head_inputs(B, T, H, V, seed=seed)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 4:] = False
     mask[3] = False  # a fully masked sequence
