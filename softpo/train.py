@@ -948,10 +948,11 @@ def raise_on_every_rank(compute, world: int, what: str):
         value, error = compute(), None
     except Exception as exc:  # noqa: BLE001 -- any failure of user code is reported on every rank
         value, error = None, exc
-    errors = [None if error is None else f"{type(error).__name__}: {error}"]
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    errors = [mine]
     if world > 1:
         errors = [None] * world
-        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        dist.all_gather_object(errors, mine)
     failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
     if failed:
         rank, message = failed[0]
