@@ -7,10 +7,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ ships as softpo.kernels: a top-level `kernels` would shadow the PyPI package of that
-    # name, which transformers imports.
+    # kernels/ ships as softpo.kernels, reached through the link softpo/kernels -> ../kernels. It has no
+    # __init__.py: from the checkout root (python -m, pytest, torchrun, a notebook) the folder is then at
+    # most a namespace portion named `kernels`, which never wins over PyPI's regular package of that name
+    # (transformers imports it).
     packages=["softpo", "softpo.integrations", "softpo.kernels"],
-    package_dir={"softpo": "softpo", "softpo.kernels": "kernels"},
     install_requires=[
         # The floor is the oldest release CI tests (.ci/run: 2.13, and the newest, 2.15). The APIs used would
         # allow 2.6 (public FSDP2 `fully_shard`, torch.library custom ops with autograd; addmm(out_dtype=) is

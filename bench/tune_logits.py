@@ -14,7 +14,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from softpo import kernels as K
+from softpo.kernels import terms as token_epilogue
 from softpo.kernels import logits as L
 
 CANDIDATES = [
@@ -41,19 +41,19 @@ def main() -> None:
     nbytes = logits.numel() * logits.element_size()
     copy_ms = do_bench(lambda: out.copy_(logits), return_mode="median")
     copy_bw = 2 * nbytes / copy_ms / 1e6
-    terms = K.TermsArgs(advantages=torch.randn(N, generator=gen, device="cuda"), gate=K.GATE_SOFT)
+    terms = token_epilogue.TermsArgs(advantages=torch.randn(N, generator=gen, device="cuda"), gate=token_epilogue.GATE_SOFT)
     rows = []
     originals = L._FWD_CONFIGS, L._BWD_CONFIGS
     try:
         for block_n, block_v, warps, stages in CANDIDATES:
             config = triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v}, num_warps=warps, num_stages=stages)
             L._FWD_CONFIGS = L._BWD_CONFIGS = [(1 << 62, config)]
-            _, lse, entropy, _, _ = K.logits_logprob_fwd(logits, targets, return_entropy=True)
-            fwd = do_bench(lambda: K.logits_logprob_fwd(logits, targets), return_mode="median")
-            fwd_ent = do_bench(lambda: K.logits_logprob_fwd(logits, targets, return_entropy=True, terms=terms),
+            _, lse, entropy, _, _ = L.logits_logprob_fwd(logits, targets, return_entropy=True)
+            fwd = do_bench(lambda: L.logits_logprob_fwd(logits, targets), return_mode="median")
+            fwd_ent = do_bench(lambda: L.logits_logprob_fwd(logits, targets, return_entropy=True, terms=terms),
                                return_mode="median")
-            bwd = do_bench(lambda: K.logits_logprob_bwd(logits, targets, lse, g_logp, out=out), return_mode="median")
-            bwd_ent = do_bench(lambda: K.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy,
+            bwd = do_bench(lambda: L.logits_logprob_bwd(logits, targets, lse, g_logp, out=out), return_mode="median")
+            bwd_ent = do_bench(lambda: L.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy,
                                                             g_entropy=g_ent, out=out), return_mode="median")
             rows.append({"BLOCK_N": block_n, "BLOCK_V": block_v, "num_warps": warps, "num_stages": stages,
                          "fwd_ms": fwd, "fwd_entropy_terms_ms": fwd_ent, "bwd_ms": bwd, "bwd_entropy_ms": bwd_ent})

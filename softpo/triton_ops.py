@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import kernels as K
+from .kernels import logits as logits_sweep, terms as token_epilogue
 from . import vocab_parallel
 from .config import LossConfig
 from .rows import chunks, put, take, valid_first, valid_rows
@@ -38,7 +38,7 @@ class Sweep:
     temperature: float
     return_entropy: bool
     inplace_backward: bool = False
-    terms: K.TermsArgs | None = None
+    terms: token_epilogue.TermsArgs | None = None
     shard: vocab_parallel.VocabShard | None = None
     flat_memory: bool = False
 
@@ -165,7 +165,7 @@ def _forward_tile(sweep: Sweep, z, idx, outputs):
     terms = sweep.terms and dataclasses.replace(
         sweep.terms, **{name: take(getattr(sweep.terms, name), idx) for name in _PER_TOKEN_TERMS}
     )
-    parts = K.logits_logprob_fwd(z, take(sweep.targets, idx), temperature=sweep.temperature,
+    parts = logits_sweep.logits_logprob_fwd(z, take(sweep.targets, idx), temperature=sweep.temperature,
                                  return_entropy=sweep.return_entropy, terms=terms)
     for full, part in zip(outputs, parts):
         if full is not None:
@@ -226,7 +226,7 @@ def _hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g
 
 def _tile_to_gradient_(z, idx, targets, lse, g_logp, entropy, g_entropy, temperature):
     """The logits tile of tokens `idx`, turned in place into d loss / d logits."""
-    K.logits_logprob_bwd(
+    logits_sweep.logits_logprob_bwd(
         z, take(targets, idx), take(lse, idx), take(g_logp, idx), entropy=take(entropy, idx),
         g_entropy=take(g_entropy, idx), temperature=temperature, out=z,
     )
@@ -377,7 +377,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, sweep: Sweep):
         ctx.set_materialize_grads(False)
-        logp, lse, entropy, term, coef = K.logits_logprob_fwd(
+        logp, lse, entropy, term, coef = logits_sweep.logits_logprob_fwd(
             logits, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
             return_entropy=sweep.return_entropy, terms=sweep.terms,
         )
@@ -401,7 +401,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (g_out is None and g_entropy is None):
             return None, None
         inplace = ctx.inplace
-        d_logits = K.logits_logprob_bwd(
+        d_logits = logits_sweep.logits_logprob_bwd(
             logits, targets, lse, _grad_logp(g_out, coef, lse),
             entropy=entropy, g_entropy=None if g_entropy is None else g_entropy.float().contiguous(),
             temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid,
@@ -424,7 +424,7 @@ class LogitsGradientInForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, sweep: Sweep, w_term, w_entropy):
-        logp, _, entropy, term, _, d_logits = K.logits_loss_fwd(
+        logp, _, entropy, term, _, d_logits = logits_sweep.logits_loss_fwd(
             logits, sweep.targets, sweep.terms, w_term, w_entropy, temperature=sweep.temperature,
             row_idx=sweep.row_idx, n_valid=sweep.n_valid, return_entropy=sweep.return_entropy or w_entropy is not None,
         )
@@ -446,7 +446,7 @@ class LogitsGradientInForwardFunction(torch.autograd.Function):
             )
         ctx.spent = True
         (d_logits,) = ctx.saved_tensors
-        return K.scale_(d_logits, g_surrogate.detach().float()), None, None, None
+        return logits_sweep.scale_(d_logits, g_surrogate.detach().float()), None, None, None
 
 
 # The plain sweep as two custom ops with shape-only versions, for torch.compile: the tile loop, its
@@ -462,7 +462,7 @@ def _logprob_op(
     sweep = Sweep(targets, row_idx, n_valid, temperature, return_entropy)
     with _on_device(targets.device):
         if logits is not None:
-            logp, lse, entropy, _, _ = K.logits_logprob_fwd(
+            logp, lse, entropy, _, _ = logits_sweep.logits_logprob_fwd(
                 logits, targets, temperature=temperature, row_idx=row_idx, n_valid=n_valid,
                 return_entropy=return_entropy,
             )
@@ -490,7 +490,7 @@ def _logprob_backward_op(
     entropy = entropy if g_entropy is not None else None
     with _on_device(targets.device):
         if logits is not None:
-            d_logits = K.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy, g_entropy=g_entropy,
+            d_logits = logits_sweep.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy, g_entropy=g_entropy,
                                             temperature=temperature, row_idx=row_idx, n_valid=n_valid)
             return d_logits, lse.new_empty(0)
         rows = valid_rows(row_idx, n_valid)
@@ -597,7 +597,7 @@ def triton_token_logprobs(
 
 
 def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None,
-               is_weight_as_given=False) -> K.TermsArgs:
+               is_weight_as_given=False) -> token_epilogue.TermsArgs:
     """The kernel epilogue's arguments for a token-level policy objective.
 
     is_weight: the raw sampler ratio, which the epilogue bounds as the config says (its torch twin is
@@ -606,20 +606,24 @@ def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_
     assert config.per_token_terms, config.name
     assert config.beta == 0 or ref_logp is not None, "beta > 0 needs ref_logp"
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
-    gate = {"clip": K.GATE_CLIP, "soft": K.GATE_SOFT, "cispo": K.GATE_TRUNCATED}[config.gate]
+    gate = {"clip": token_epilogue.GATE_CLIP, "soft": token_epilogue.GATE_SOFT, "cispo": token_epilogue.GATE_TRUNCATED}[config.gate]
     if config.gate == "cispo":
         lo, hi = config.cispo_floor or 0.0, config.epsilon_upper
     else:
         lo, hi = 1 - config.epsilon, 1 + config.epsilon_upper
-    kl = {"k1": K.KL_K1, "k2": K.KL_K2, "k3": K.KL_K3}[config.kl_estimator] if config.beta > 0 else K.KL_NONE
-    return K.TermsArgs(
+    kl = (
+        {"k1": token_epilogue.KL_K1, "k2": token_epilogue.KL_K2, "k3": token_epilogue.KL_K3}[config.kl_estimator]
+        if config.beta > 0 else token_epilogue.KL_NONE
+    )
+    return token_epilogue.TermsArgs(
         advantages=per_token(advantages), old_logp=per_token(old_logp),
-        ref_logp=per_token(ref_logp) if kl != K.KL_NONE else None, is_weight=per_token(is_weight),
+        ref_logp=per_token(ref_logp) if kl != token_epilogue.KL_NONE else None, is_weight=per_token(is_weight),
         gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
         tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
         beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
-        is_bound=K.IS_AS_GIVEN if is_weight_as_given else
-        K.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate") else K.IS_MASK,
+        is_bound=token_epilogue.IS_AS_GIVEN if is_weight_as_given else
+        token_epilogue.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate")
+        else token_epilogue.IS_MASK,
         is_lo=config.vllm_importance_sampling_clip_min or 0.0,
         is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
     )

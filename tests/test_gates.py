@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import softpo
-from softpo import kernels as K
+from softpo.kernels import logits as logits_sweep, terms as token_epilogue
 from softpo import objectives
 from softpo.triton_ops import terms_args
 
@@ -108,7 +108,7 @@ def test_epilogue_matches_torch_twin(config, on_policy, weighted):
 
     gt = twin(torch.float64)
     ref = twin(torch.float32)
-    out = K.token_terms(logp, terms_args(config, adv, old, ref_logp, is_weight))
+    out = token_epilogue.token_terms(logp, terms_args(config, adv, old, ref_logp, is_weight))
     # Where the gate's and the KL's parts cancel (they reach 1e17 at log-ratios of 20), fp32 can be
     # no closer than its epsilon times the parts: the tolerance scales with them, not with their sum.
     if config.beta > 0:
@@ -125,7 +125,7 @@ def test_epilogue_masks_tokens_and_agrees_at_ratio_one():
     valid = torch.arange(logp.numel(), device=DEVICE) % 3 != 0
     coefs = []
     for config in (softpo.GRPO, softpo.SAPO, softpo.CISPO):
-        terms, coef = K.token_terms(logp, terms_args(config, adv), valid=valid)
+        terms, coef = token_epilogue.token_terms(logp, terms_args(config, adv), valid=valid)
         assert (terms[~valid] == 0).all() and (coef[~valid] == 0).all()
         coefs.append(coef)
     # On policy every gate's gradient is plain REINFORCE: d term / d logp = -A.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import softpo
-from softpo import kernels as K
+from softpo.kernels import logits as logits_sweep, terms as token_epilogue
 from softpo import objectives, triton_ops
 from softpo.triton_ops import triton_fused_token_terms, triton_token_logprobs
 
@@ -375,8 +375,8 @@ def test_lower_layers_assert_their_contract():
         lambda: triton_token_logprobs(t, hidden=h, weight=torch.randn(5, 7, device=DEVICE)),
         lambda: triton_token_logprobs(t, hidden=h, weight=w.double()),
         lambda: triton_token_logprobs(t.int(), hidden=h, weight=w),
-        lambda: K.logits_logprob_fwd(h, t, temperature=0.0),
-        lambda: K.logits_logprob_fwd(h, t, row_idx=t),
+        lambda: logits_sweep.logits_logprob_fwd(h, t, temperature=0.0),
+        lambda: logits_sweep.logits_logprob_fwd(h, t, row_idx=t),
     ):
         with pytest.raises(AssertionError):
             call()
@@ -615,14 +615,12 @@ def test_logits_flat_memory_keeps_the_gradient_for_the_backward_kernel():
 
 
 def test_scale_kernel_reads_the_factor_on_the_device():
-    from softpo import kernels as K
-
     for dtype, factor in ((torch.float32, -3.0), (torch.bfloat16, -0.5)):  # bf16: a factor that rounds nothing
         x = torch.randn(3000, device=DEVICE).to(dtype)
         kept = x.clone()
-        K.scale_(x, torch.ones(1, device=DEVICE))
+        logits_sweep.scale_(x, torch.ones(1, device=DEVICE))
         assert torch.equal(x, kept)
-        K.scale_(x, torch.full((), factor, device=DEVICE))
+        logits_sweep.scale_(x, torch.full((), factor, device=DEVICE))
         torch.testing.assert_close(x, (kept.float() * factor).to(dtype), rtol=0, atol=0)
 
 
