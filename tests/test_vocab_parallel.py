@@ -281,15 +281,15 @@ def test_vocab_start_without_a_group_is_refused():
         softpo.token_logprobs(targets, vocab_start=0, **sweep)
 
 
-def test_readme_example_under_torchrun(tmp_path):
-    """The README's vocab-parallel example, run as a user would: torchrun with 2 processes."""
+def test_docs_example_under_torchrun(tmp_path):
+    """docs/distributed.md's vocab-parallel example, run as a user would: torchrun with 2 processes."""
     import subprocess
     import sys
 
     from distributed import free_port
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# vp_example.py")]
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "distributed.md"), encoding="utf-8").read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("# vp_example.py")]
     script = tmp_path / "vp_example.py"
     script.write_text(block)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
