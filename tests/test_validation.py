@@ -157,8 +157,8 @@ def test_token_logprobs_rejects_out_of_range_targets_and_bad_logits():
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "triton"), (torch.float32, "triton"),
                                             (torch.float64, "torch")])
 def test_auto_impl_picks_the_kernels_for_cuda_tensors_below_float64(dtype, expected):
-    from softpo import api
+    from softpo import checks
 
-    assert api._resolve_impl("auto", torch.device("cuda", 0), dtype) == expected
-    assert api._resolve_impl("auto", torch.device("cpu"), dtype) == "torch"
-    assert api._resolve_impl("torch", torch.device("cuda", 0), dtype) == "torch"
+    assert checks.resolve_impl("auto", torch.device("cuda", 0), dtype) == expected
+    assert checks.resolve_impl("auto", torch.device("cpu"), dtype) == "torch"
+    assert checks.resolve_impl("torch", torch.device("cuda", 0), dtype) == "torch"
