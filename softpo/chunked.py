@@ -14,6 +14,7 @@ import torch
 
 from . import vocab_parallel
 from .rows import chunks
+from .sweep import SweepArgs, accumulation_dtype
 
 # A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 16 MiB: small enough that the allocator reuses
 # it from chunk to chunk instead of mapping fresh pages each time (glibc maps blocks above 32 MiB),
@@ -22,20 +23,13 @@ TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half and single precision inputs; float64 inputs keep float64 (gradcheck, references)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@dataclass(frozen=True, kw_only=True)
+class ChunkedArgs(SweepArgs):
+    """A sweep's settings and its chunk sizes. With flat_memory the backward sums d weight one vocabulary
+    chunk at a time (vocabulary-major), not in a V x H accumulator."""
 
-
-@dataclass(frozen=True)
-class SweepArgs:
-    temperature: float
-    return_entropy: bool
     token_chunk: int = TOKEN_CHUNK
     vocab_chunk: int = VOCAB_CHUNK
-    shard: vocab_parallel.VocabShard | None = None
-    # The backward sums d weight one vocabulary chunk at a time (vocabulary-major), not in a V x H accumulator.
-    flat_memory: bool = False
 
 
 class OnlineLogSumExp:
@@ -153,7 +147,7 @@ def _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entr
 
 class ChunkedHiddenLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, valid_rows, args: SweepArgs):
+    def forward(ctx, hidden, weight, targets, valid_rows, args: ChunkedArgs):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
         acc = accumulation_dtype(hidden.dtype)
@@ -168,7 +162,7 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
         hidden, weight, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
-        args: SweepArgs = ctx.args
+        args: ChunkedArgs = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp,
                                            g_entropy, args, need_hidden, need_weight)
@@ -270,7 +264,7 @@ def _logits_tiles(logits, acc, temperature):
 
 class ChunkedLogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, valid_rows, args: SweepArgs):
+    def forward(ctx, logits, targets, valid_rows, args: ChunkedArgs):
         ctx.set_materialize_grads(False)
         acc = accumulation_dtype(logits.dtype)
         logp, entropy, lse_all = _forward_sweep(
@@ -322,119 +316,18 @@ def chunked_token_logprobs(
     """Flat inputs (targets [N], hidden [N, H] + weight [V, H] or logits [N, V], valid [N] bool) ->
     (logp [N], entropy [N] or None), fp32 (float64 for float64 inputs). Rows where `valid` is False get 0 and zero gradient.
     With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them.
-    flat_memory: the hidden path's d weight summed one vocabulary chunk at a time (see `_hidden_grads`)."""
+    flat_memory: the hidden path's d weight summed one vocabulary chunk at a time (see `_hidden_grads`).
+    These are the autograd Functions; `softpo.ops` holds the same sweep as custom ops for torch.compile."""
     N = targets.shape[0]
-    device = targets.device
-    args = SweepArgs(
-        float(temperature), bool(return_entropy), token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK, shard,
-        bool(flat_memory),
+    args = ChunkedArgs(
+        temperature=float(temperature), return_entropy=bool(return_entropy), token_chunk=token_chunk or TOKEN_CHUNK,
+        vocab_chunk=vocab_chunk or VOCAB_CHUNK, shard=shard, flat_memory=bool(flat_memory),
     )
-    if shard is None:
-        if valid is None:
-            valid = torch.ones(N, dtype=torch.bool, device=device)
-        logp, entropy, _ = _logprob_op(targets, valid, hidden, weight, logits, args.temperature, args.return_entropy,
-                                       args.token_chunk, args.vocab_chunk, args.flat_memory)
-        return logp, entropy if return_entropy else None
     # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
     # its tiles in place.
-    valid_rows = torch.arange(N, device=device) if valid is None else valid.nonzero().squeeze(-1)
+    valid_rows = torch.arange(N, device=targets.device) if valid is None else valid.nonzero().squeeze(-1)
     if logits is not None:
         out = ChunkedLogitsLogprobFunction.apply(logits, targets, valid_rows, args)
     else:
         out = ChunkedHiddenLogprobFunction.apply(hidden, weight, targets, valid_rows, args)
-    if return_entropy:
-        return out
-    return out, None
-
-
-# The same sweep as two custom ops with shape-only ("fake") versions, so that torch.compile keeps it
-# out of the graph as opaque calls: the token loops, the data-dependent row selection and the in-place
-# tiles never reach the tracer. The single-process path always runs through them, so every test of the
-# chunked path tests them; the vocab-parallel path (a process group is no op argument) keeps the
-# autograd Functions above.
-@torch.library.custom_op("softpo::chunked_logprob", mutates_args=())
-def _logprob_op(
-    targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
-    logits: torch.Tensor | None, temperature: float, return_entropy: bool, token_chunk: int, vocab_chunk: int,
-    flat_memory: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp [N], entropy [N] or [0], lse [N]) in the accumulation dtype."""
-    args = SweepArgs(temperature, return_entropy, token_chunk, vocab_chunk)
-    valid_rows = valid.nonzero().squeeze(-1)
-    if logits is not None:
-        acc = accumulation_dtype(logits.dtype)
-        logp, entropy, lse = _forward_sweep(valid_rows, targets, logits.shape[1], logits.shape[0], acc, args,
-                                            _logits_tiles(logits, acc, temperature))
-    else:
-        acc = accumulation_dtype(hidden.dtype)
-        logp, entropy, lse = _forward_sweep(valid_rows, targets, weight.shape[0], hidden.shape[0], acc, args,
-                                            _hidden_tiles(hidden, weight, acc, temperature))
-    return logp, lse.new_empty(0) if entropy is None else entropy, lse
-
-
-@_logprob_op.register_fake
-def _(targets, valid, hidden, weight, logits, temperature, return_entropy, token_chunk, vocab_chunk, flat_memory):
-    acc = accumulation_dtype((logits if logits is not None else hidden).dtype)
-    N = targets.shape[0]
-    return (targets.new_empty(N, dtype=acc), targets.new_empty(N if return_entropy else 0, dtype=acc),
-            targets.new_empty(N, dtype=acc))
-
-
-@torch.library.custom_op("softpo::chunked_logprob_backward", mutates_args=())
-def _logprob_backward_op(
-    targets: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Tensor | None,
-    logits: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
-    g_entropy: torch.Tensor | None, temperature: float, token_chunk: int, vocab_chunk: int, need_hidden: bool,
-    need_weight: bool, flat_memory: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d logits, empty) or (d hidden or empty, d weight or empty), in the inputs' dtypes."""
-    args = SweepArgs(temperature, g_entropy is not None, token_chunk, vocab_chunk, flat_memory=flat_memory)
-    valid_rows = valid.nonzero().squeeze(-1)
-    entropy = entropy if g_entropy is not None else None
-    if logits is not None:
-        return _logits_grad(logits, targets, valid_rows, lse, entropy, g_logp, g_entropy, args), lse.new_empty(0)
-    d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, lse, entropy, g_logp, g_entropy, args,
-                                       need_hidden, need_weight)
-    return (d_hidden.to(hidden.dtype) if need_hidden else hidden.new_empty(0),
-            d_weight.to(weight.dtype) if need_weight else weight.new_empty(0))
-
-
-@_logprob_backward_op.register_fake
-def _(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy, temperature, token_chunk,
-      vocab_chunk, need_hidden, need_weight, flat_memory):
-    if logits is not None:
-        return torch.empty_like(logits), lse.new_empty(0)  # zeros_like in the op: the logits' strides
-    # The op allocates contiguous gradients; so must its shape-only twin.
-    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
-            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
-
-
-def _setup_logprob(ctx, inputs, output):
-    targets, valid, hidden, weight, logits, temperature, _, token_chunk, vocab_chunk, flat_memory = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(targets, valid, hidden, weight, logits, lse, entropy)
-    ctx.settings = (temperature, token_chunk, vocab_chunk, flat_memory)
-
-
-def _logprob_backward(ctx, g_logp, g_entropy, _g_lse):
-    targets, valid, hidden, weight, logits, lse, entropy = ctx.saved_tensors
-    temperature, token_chunk, vocab_chunk, flat_memory = ctx.settings
-    need_hidden, need_weight, need_logits = ctx.needs_input_grad[2:5]
-    if not (need_hidden or need_weight or need_logits):
-        return (None,) * 10
-    if g_logp is None:
-        g_logp = torch.zeros_like(lse)
-    # An entropy that was not computed, or not used, sends no gradient.
-    g_entropy = g_entropy if entropy.numel() and g_entropy is not None else None
-    first, second = _logprob_backward_op(
-        targets, valid, hidden, weight, logits, lse, entropy, g_logp.to(lse.dtype),
-        None if g_entropy is None else g_entropy.to(lse.dtype), temperature, token_chunk, vocab_chunk,
-        bool(need_hidden), bool(need_weight), flat_memory,
-    )
-    if logits is not None:
-        return None, None, None, None, first, None, None, None, None, None
-    return (None, None, first if need_hidden else None, second if need_weight else None, None,
-            None, None, None, None, None)
-
-
-_logprob_op.register_autograd(_logprob_backward, setup_context=_setup_logprob)
+    return out if return_entropy else (out, None)

@@ -26,15 +26,17 @@ def bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio.clamp(max=LOG_RATIO_LIMIT))
 
 
-def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """The sum of x where mask (over dim, or all)."""
     # where() rather than a product, so that a non-finite value at a padded position cannot leak in.
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     masked = torch.where(mask, x, zero)
     return masked.sum() if dim is None else masked.sum(dim)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _masked_sum(x, mask) / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of x over the positions where mask (0 when there are none)."""
+    return masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
 def log_importance_ratio(
@@ -155,6 +157,19 @@ def rollout_weights(
     return bound_rollout_weights(config, raw_rollout_weights(config, old_logp, rollout_logp, mask))
 
 
+def sampler_weights(
+    config: LossConfig, old_logp: torch.Tensor, mask: torch.Tensor, rollout_logp: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The sampler-mismatch weight the policy terms are multiplied by, detached: the one given as is, else
+    `rollout_weights` from rollout_logp, else None (no correction)."""
+    if importance_sampling_ratio is not None:
+        return importance_sampling_ratio.detach()
+    if rollout_logp is not None:
+        return rollout_weights(config, old_logp, rollout_logp, mask)
+    return None
+
+
 # VESPO's sequence weight is taken in log space between log(1e-8) and LOG_RATIO_LIMIT, as TRL does.
 VESPO_LOG_WEIGHT_MIN = math.log(1e-8)
 
@@ -225,29 +240,29 @@ def aggregate(
     """
     B, T = mask.shape
     if config.loss_aggregation == "seq-mean-token-mean":
-        per_seq = _masked_sum(terms, mask, -1) / mask.sum(-1).clamp(min=1)
+        per_seq = masked_sum(terms, mask, -1) / mask.sum(-1).clamp(min=1)
         if normalizer is not None:
             return per_seq.sum() / normalizer
         return per_seq.mean() if B else terms.sum()
     if config.loss_aggregation == "token-mean":
         denominator = mask.sum().clamp(min=1) if normalizer is None else normalizer
-        return _masked_sum(terms, mask) / denominator
+        return masked_sum(terms, mask) / denominator
     if config.loss_aggregation == "token-sum":
-        total = _masked_sum(terms, mask)
+        total = masked_sum(terms, mask)
         return total if normalizer is None else total / normalizer
     if config.loss_aggregation == "seq-mean-token-sum-norm":
         length = config.max_completion_length or T
         if normalizer is not None:
-            return _masked_sum(terms, mask) / (normalizer * length)
-        return _masked_sum(terms, mask) / max(B * length, 1)
+            return masked_sum(terms, mask) / (normalizer * length)
+        return masked_sum(terms, mask) / max(B * length, 1)
     if normalizer is not None:
-        return _masked_sum(terms, mask) / normalizer
-    return _masked_sum(terms, mask, -1).mean() if B else terms.sum()
+        return masked_sum(terms, mask) / normalizer
+    return masked_sum(terms, mask, -1).mean() if B else terms.sum()
 
 
 def entropy_bonus(config: LossConfig, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """What the loss subtracts for entropy: entropy_coef times the masked mean entropy."""
-    return config.entropy_coef * _masked_mean(entropy, mask)
+    return config.entropy_coef * masked_mean(entropy, mask)
 
 
 def loss_weights(
@@ -310,7 +325,7 @@ def spo_loss(
     - 1), the relation `spo_q0` estimates q0 by. Q / beta is held at 1e-6 or more and p at 1 - 1e-6 or
     less: below Q = 0 and above Q = 1 (where p leaves [0, 1]) no gradient moves Q further.
     """
-    cumulative = _masked_sum(logp - ref_logp, mask, -1)
+    cumulative = masked_sum(logp - ref_logp, mask, -1)
     q = q0 + config.beta * cumulative
     if config.spo_loss == "squared":
         per_seq = (q - rewards).square() / 2
@@ -399,11 +414,7 @@ def objective_loss(
         adv_given = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         adv = adv_given.expand_as(logp)
         old = logp.detach() if old_logp is None else old_logp
-        is_weight = None
-        if importance_sampling_ratio is not None:
-            is_weight = importance_sampling_ratio.detach()
-        elif rollout_logp is not None:
-            is_weight = rollout_weights(config, old, rollout_logp, mask)
+        is_weight = sampler_weights(config, old, mask, rollout_logp, importance_sampling_ratio)
         keep = None
         if config.off_policy_mask_threshold is not None:
             sampler = old if rollout_logp is None else rollout_logp
@@ -435,27 +446,27 @@ def objective_metrics(config: LossConfig, pieces: ObjectivePieces) -> dict[str, 
     metrics: dict[str, torch.Tensor] = {}
     if config.objective == "spo":
         metrics["q_mean"] = p.q.mean() if p.q.numel() else p.q.sum()
-        metrics["kl"] = _masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
+        metrics["kl"] = masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
         metrics["policy_loss"] = p.policy_loss
     else:
         if p.is_weight is not None:
-            metrics["is_weight_mean"] = _masked_mean(p.is_weight.expand_as(p.logp), mask)
+            metrics["is_weight_mean"] = masked_mean(p.is_weight.expand_as(p.logp), mask)
         if config.off_policy_mask_threshold is not None:
-            metrics["off_policy_kept"] = _masked_mean(p.off_policy_keep.to(p.logp.dtype), mask)
+            metrics["off_policy_kept"] = masked_mean(p.off_policy_keep.to(p.logp.dtype), mask)
         if p.vespo_weight is not None:
             metrics["vespo_weight_mean"] = (
-                p.vespo_weight.mean() if p.vespo_weight.shape[-1] == 1 else _masked_mean(p.vespo_weight, mask)
+                p.vespo_weight.mean() if p.vespo_weight.shape[-1] == 1 else masked_mean(p.vespo_weight, mask)
             )
         metrics["policy_loss"] = p.policy_loss
         ratio = p.ratio if p.ratio is not None else bounded_exp(log_importance_ratio(config, p.logp, p.old_logp, mask))
         _ratio_metrics(config, metrics, ratio, p.adv, mask, p.logp, p.old_logp)
         if p.ref_logp is not None:
-            metrics["kl"] = _masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
+            metrics["kl"] = masked_mean(kl_terms(config, p.logp, p.ref_logp), mask)
     if p.entropy is not None:
-        metrics["entropy"] = _masked_mean(p.entropy, mask)
+        metrics["entropy"] = masked_mean(p.entropy, mask)
         if config.use_adaptive_entropy:
             # What `AdaptiveEntropy.observe` accumulates: the entropy over the tokens the bonus acts on.
-            metrics["controlled_entropy_sum"] = _masked_sum(p.entropy, p.policy_mask)
+            metrics["controlled_entropy_sum"] = masked_sum(p.entropy, p.policy_mask)
             metrics["controlled_entropy_tokens"] = p.policy_mask.sum().to(p.entropy.dtype)
     metrics["loss"] = p.loss
     return metrics
@@ -466,26 +477,26 @@ def _ratio_metrics(config, metrics, ratio, adv, mask, logp, old_logp):
     has_tokens = count > 0
     one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
     inf = torch.full((), float("inf"), dtype=ratio.dtype, device=ratio.device)
-    metrics["ratio_mean"] = torch.where(has_tokens, _masked_mean(ratio, mask), one)
+    metrics["ratio_mean"] = torch.where(has_tokens, masked_mean(ratio, mask), one)
     metrics["ratio_min"] = torch.where(has_tokens, torch.where(mask, ratio, inf).amin() if ratio.numel() else one, one)
     metrics["ratio_max"] = torch.where(has_tokens, torch.where(mask, ratio, -inf).amax() if ratio.numel() else one, one)
     if config.gate == "clip":
         low = (ratio < 1 - config.epsilon) & (adv < 0)
         high = (ratio > 1 + config.epsilon_upper) & (adv > 0)
-        metrics["clip_fraction_low"] = _masked_mean(low.to(ratio.dtype), mask)
-        metrics["clip_fraction_high"] = _masked_mean(high.to(ratio.dtype), mask)
-        metrics["clip_fraction"] = _masked_mean((low | high).to(ratio.dtype), mask)
+        metrics["clip_fraction_low"] = masked_mean(low.to(ratio.dtype), mask)
+        metrics["clip_fraction_high"] = masked_mean(high.to(ratio.dtype), mask)
+        metrics["clip_fraction"] = masked_mean((low | high).to(ratio.dtype), mask)
     elif config.gate == "cispo":
         capped = (ratio > config.epsilon_upper) & (adv > 0)
-        metrics["clip_fraction"] = _masked_mean(capped.to(ratio.dtype), mask)
+        metrics["clip_fraction"] = masked_mean(capped.to(ratio.dtype), mask)
     elif config.gate == "soft":
         # d/dr of sigmoid(tau (r - 1)) * 4 / tau: the weight SAPO's gate puts on each token's gradient.
         tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg).to(ratio.dtype)
         s = torch.sigmoid(tau * (ratio - 1))
-        metrics["gate_weight"] = _masked_mean(4 * s * (1 - s), mask)
+        metrics["gate_weight"] = masked_mean(4 * s * (1 - s), mask)
     # SAPO's sequence coherence assumption: log-ratios vary little within a sequence.
     token_log_ratio = torch.zeros_like(logp) if old_logp is None else torch.where(mask, logp - old_logp, 0.0)
     lengths = mask.sum(-1)
-    mean = _masked_sum(token_log_ratio, mask, -1) / lengths.clamp(min=1)
-    var = _masked_sum((token_log_ratio - mean.unsqueeze(-1)).square(), mask, -1) / lengths.clamp(min=1)
-    metrics["log_ratio_seq_var"] = _masked_sum(var, lengths > 0) / (lengths > 0).sum().clamp(min=1)
+    mean = masked_sum(token_log_ratio, mask, -1) / lengths.clamp(min=1)
+    var = masked_sum((token_log_ratio - mean.unsqueeze(-1)).square(), mask, -1) / lengths.clamp(min=1)
+    metrics["log_ratio_seq_var"] = masked_sum(var, lengths > 0) / (lengths > 0).sum().clamp(min=1)

@@ -19,9 +19,13 @@ def valid_first(valid: torch.Tensor | None):
     return row_idx, valid.sum(dtype=torch.int64).reshape(1)
 
 
-def valid_rows(row_idx: torch.Tensor | None, n_valid: torch.Tensor | None) -> torch.Tensor | None:
-    """The valid rows' positions (None: every row). One host sync reads how many there are."""
-    return None if row_idx is None else row_idx[: int(n_valid)]
+def valid_rows(row_idx: torch.Tensor | None, n_valid: torch.Tensor | None,
+               count: int | None = None) -> torch.Tensor | None:
+    """The valid rows' positions (None: every row). Without `count` (how many, when the caller has read it
+    already) one host sync reads how many there are."""
+    if row_idx is None:
+        return None
+    return row_idx[: int(n_valid) if count is None else count]
 
 
 def chunks(n: int, step: int, rows: torch.Tensor | None):

@@ -11,7 +11,7 @@ import torch
 import softpo
 from softpo.kernels import logits as logits_sweep, terms as token_epilogue
 from softpo import objectives
-from softpo.triton_ops import terms_args
+from softpo.fused import terms_args
 
 from reference import assert_close_to_gt
 

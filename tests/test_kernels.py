@@ -1,4 +1,4 @@
-"""The Triton sweeps (softpo.triton_ops over softpo.kernels) against materialized float64 references.
+"""The Triton sweeps (softpo.fused and softpo.tiles over softpo.kernels) against materialized float64 references.
 
 Without CUDA these run under TRITON_INTERPRET=1 (set by conftest) on small shapes; with CUDA the
 same tests run compiled, plus production-sized shapes.
@@ -15,8 +15,8 @@ import torch
 
 import softpo
 from softpo.kernels import logits as logits_sweep, terms as token_epilogue
-from softpo import objectives, triton_ops
-from softpo.triton_ops import triton_fused_token_terms, triton_token_logprobs
+from softpo import objectives, tiles
+from softpo.fused import triton_fused_token_terms, triton_token_logprobs
 
 from reference import (
     all_configs,
@@ -120,7 +120,7 @@ def _check_all(out, ref, gt, dtype, names):
 
 def _small_tiles(monkeypatch, rows, V, dtype):
     # Production shapes take several logits tiles; force that on small ones.
-    monkeypatch.setattr(triton_ops, "TILE_BYTES", rows * V * dtype.itemsize)
+    monkeypatch.setattr(tiles, "TILE_BYTES", rows * V * dtype.itemsize)
 
 
 @pytest.mark.parametrize("N,H,V,dtype,extra", SHAPES)
@@ -747,7 +747,7 @@ def test_public_token_logprobs_inplace_backward():
 @pytest.mark.skipif(not CUDA, reason="the out_dtype branch exists on CUDA only; on CPU both take the upcast")
 def test_d_weight_accumulates_in_fp32_with_or_without_addmm_out_dtype(monkeypatch):
     """Older torch releases have no addmm(out_dtype=): the fallback upcasts and gives the same fp32 sum."""
-    from softpo import triton_ops
+    from softpo import tiles
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(40, 24, generator=g).to(DEVICE, torch.bfloat16)
@@ -755,9 +755,9 @@ def test_d_weight_accumulates_in_fp32_with_or_without_addmm_out_dtype(monkeypatc
     gt = a.double() @ b.double()
     results = []
     for supported in (True, False):
-        monkeypatch.setattr(triton_ops, "_addmm_takes_out_dtype", lambda device, dtype, s=supported: s)
+        monkeypatch.setattr(tiles, "_addmm_takes_out_dtype", lambda device, dtype, s=supported: s)
         acc = torch.zeros(40, 16, dtype=torch.float32, device=DEVICE)
-        triton_ops._accumulate(acc, a, b)
+        tiles._accumulate(acc, a, b)
         results.append(acc)
     for acc in results:
         torch.testing.assert_close(acc.double(), gt, rtol=1e-6, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import softpo
-from softpo import chunked, triton_ops
+from softpo import chunked, fused, tiles
 
 from reference import assert_close_to_gt, assert_norm_close_to_gt, loss_kwargs, random_lm_head_inputs
 
@@ -20,8 +20,8 @@ def small_blocks(monkeypatch):
     # Several vocabulary blocks and token tiles, ragged at the end, on both paths.
     monkeypatch.setattr(chunked, "VOCAB_CHUNK", 64)
     monkeypatch.setattr(chunked, "TOKEN_CHUNK", 4)
-    monkeypatch.setattr(triton_ops, "FLAT_TILE_BYTES", 8 * V * 4)
-    monkeypatch.setattr(triton_ops, "FLAT_BLOCK_BYTES", 50 * H * 4)
+    monkeypatch.setattr(tiles, "FLAT_TILE_BYTES", 8 * V * 4)
+    monkeypatch.setattr(tiles, "FLAT_BLOCK_BYTES", 50 * H * 4)
 
 
 def _inputs(seed=0):
@@ -87,13 +87,13 @@ def test_flat_forms_d_hidden_in_the_forward_and_d_weight_in_the_backward(monkeyp
     d weight from the backward's vocabulary-major pass with the upstream gradient folded into the per-token
     gradients (so a factor of 2 doubles every gradient exactly)."""
     routes, accumulators, passes = [], [], []
-    real_apply = triton_ops.HiddenGradientInForwardFunction.apply
-    real_buffers, real_flat = triton_ops._gradient_buffers, triton_ops._hidden_backward_flat
-    monkeypatch.setattr(triton_ops.HiddenGradientInForwardFunction, "apply",
+    real_apply = fused.HiddenGradientInForwardFunction.apply
+    real_buffers, real_flat = tiles._gradient_buffers, tiles._hidden_backward_flat
+    monkeypatch.setattr(fused.HiddenGradientInForwardFunction, "apply",
                         staticmethod(lambda *a: routes.append(1) or real_apply(*a)))
     # _gradient_buffers(hidden, weight, need_hidden, need_weight, rows): need_weight allocates the accumulator.
-    monkeypatch.setattr(triton_ops, "_gradient_buffers", lambda *a: accumulators.append(a[3]) or real_buffers(*a))
-    monkeypatch.setattr(triton_ops, "_hidden_backward_flat",
+    monkeypatch.setattr(tiles, "_gradient_buffers", lambda *a: accumulators.append(a[3]) or real_buffers(*a))
+    monkeypatch.setattr(tiles, "_hidden_backward_flat",
                         lambda *a: passes.append(a[-2:]) or real_flat(*a))
     hidden, weight, targets, mask = _inputs(2)
     _run(config, "triton", torch.float32, "default", hidden, weight, targets, mask)

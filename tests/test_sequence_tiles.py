@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import softpo
-from softpo import triton_ops
+from softpo import fused, tiles as tile_engine
 
 from reference import TOLERANCE, assert_close_to_gt, loss_kwargs, random_lm_head_inputs
 
@@ -49,10 +49,10 @@ def _run(config, uses_rollout, impl, dtype):
 @pytest.fixture
 def two_sequences_a_tile(monkeypatch):
     # Tiles of 12 rows: two whole sequences of 6 (fewer where masked tokens leave room).
-    monkeypatch.setattr(triton_ops, "TILE_BYTES", 12 * V * 4)
+    monkeypatch.setattr(tile_engine, "TILE_BYTES", 12 * V * 4)
     calls = []
-    real = triton_ops.HiddenGradientInForwardFunction.apply
-    monkeypatch.setattr(triton_ops.HiddenGradientInForwardFunction, "apply",
+    real = fused.HiddenGradientInForwardFunction.apply
+    monkeypatch.setattr(fused.HiddenGradientInForwardFunction, "apply",
                         staticmethod(lambda *a: calls.append(a[3]) or real(*a)))
     return calls
 
@@ -70,10 +70,10 @@ def test_sequence_tiles_match_float64(two_sequences_a_tile, config, uses_rollout
 
 
 def test_a_sequence_longer_than_a_tile_takes_two_passes(monkeypatch):
-    monkeypatch.setattr(triton_ops, "TILE_BYTES", 4 * V * 4)  # 4 rows: shorter than a sequence of 6
+    monkeypatch.setattr(tile_engine, "TILE_BYTES", 4 * V * 4)  # 4 rows: shorter than a sequence of 6
     calls = []
-    real = triton_ops.HiddenGradientInForwardFunction.apply
-    monkeypatch.setattr(triton_ops.HiddenGradientInForwardFunction, "apply",
+    real = fused.HiddenGradientInForwardFunction.apply
+    monkeypatch.setattr(fused.HiddenGradientInForwardFunction, "apply",
                         staticmethod(lambda *a: calls.append(1) or real(*a)))
     gt = _run(softpo.GSPO, False, "torch", torch.float64)
     out = _run(softpo.GSPO, False, "triton", torch.float32)
@@ -85,6 +85,6 @@ def test_a_sequence_longer_than_a_tile_takes_two_passes(monkeypatch):
 def test_sequence_tiles_hold_whole_sequences():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     # A tile of 3 rows: the last sequence (4 valid tokens) fits none.
-    assert triton_ops.sequence_tiles(mask.reshape(-1), 4, V=(1 << 30) // 3, element_size=1) is None
-    tiles = triton_ops.sequence_tiles(mask.reshape(-1), 4, V=(1 << 30) // 5, element_size=1)
+    assert tile_engine.sequence_tiles(mask.reshape(-1), 4, V=(1 << 30) // 3, element_size=1) is None
+    tiles = tile_engine.sequence_tiles(mask.reshape(-1), 4, V=(1 << 30) // 5, element_size=1)
     assert [t.tolist() for t in tiles] == [[0, 1, 2, 4, 5], [12, 13, 14, 15]]

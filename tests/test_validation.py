@@ -157,8 +157,40 @@ def test_token_logprobs_rejects_out_of_range_targets_and_bad_logits():
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "triton"), (torch.float32, "triton"),
                                             (torch.float64, "torch")])
 def test_auto_impl_picks_the_kernels_for_cuda_tensors_below_float64(dtype, expected):
-    from softpo import api
+    from softpo import checks
 
-    assert api._resolve_impl("auto", torch.device("cuda", 0), dtype) == expected
-    assert api._resolve_impl("auto", torch.device("cpu"), dtype) == "torch"
-    assert api._resolve_impl("torch", torch.device("cuda", 0), dtype) == "torch"
+    assert checks.resolve_impl("auto", torch.device("cuda", 0), dtype) == expected
+    assert checks.resolve_impl("auto", torch.device("cpu"), dtype) == "torch"
+    assert checks.resolve_impl("torch", torch.device("cuda", 0), dtype) == "torch"
+
+
+def test_a_transposed_weight_is_named_as_transposed():
+    hidden, weight = torch.randn(B, T, 8), torch.randn(8, 11)  # [H, V]: lm_head.weight transposed
+    targets, mask = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool)
+    with pytest.raises(ValueError, match="transposed"):
+        softpo.policy_loss(softpo.GRPO, targets, mask, torch.randn(B), hidden=hidden, weight=weight)
+    with pytest.raises(ValueError, match="transposed"):
+        softpo.token_logprobs(targets, hidden=hidden, weight=weight)
+
+
+def test_a_preset_name_as_config_points_to_softpo_preset():
+    targets, mask = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"softpo\.preset\('sapo'\)"):
+        softpo.policy_loss("sapo", targets, mask, torch.randn(B), logits=torch.randn(B, T, 5))
+    with pytest.raises(ValueError, match=r"softpo\.preset\('sapo'\)"):
+        softpo.PolicyLoss("sapo")
+
+
+@pytest.mark.parametrize("config,why", [(softpo.GRPO.replace(beta=0.1), "beta"), (softpo.SPO, "cumulative Q")],
+                         ids=["kl", "spo"])
+def test_a_missing_ref_logp_says_why_it_is_required(config, why):
+    targets, mask = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool)
+    extra = {"rewards": torch.rand(B), "q0": torch.zeros(B)} if config.objective == "spo" else {}
+    with pytest.raises(ValueError, match=f"ref_logp is required: .*{why}"):
+        softpo.policy_loss(config, targets, mask, torch.randn(B), logits=torch.randn(B, T, 5), **extra)
+
+
+def test_the_advantages_shape_error_lists_both_accepted_shapes():
+    targets, mask = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool)
+    with pytest.raises(ValueError, match=rf"advantages must have shape \[B\] = \({B},\) or \[B, T\] = \({B}, {T}\)"):
+        softpo.policy_loss(softpo.GRPO, targets, mask, torch.randn(B, T + 1), logits=torch.randn(B, T, 5))

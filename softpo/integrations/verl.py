@@ -148,7 +148,7 @@ def _global_counts(config, mask: torch.Tensor, agg: str) -> tuple[torch.Tensor |
 def _metrics(metrics: dict, logp, old_log_prob, mask) -> dict[str, float]:
     out = {f"actor/softpo/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "policy_loss")}
     # verl's own name for the mean of old - new log-prob over response tokens.
-    out["actor/ppo_kl"] = float(objectives._masked_mean((old_log_prob - logp).detach(), mask))
+    out["actor/ppo_kl"] = float(objectives.masked_mean((old_log_prob - logp).detach(), mask))
     return out
 
 
@@ -273,7 +273,7 @@ def spo_policy_loss(
     mask = response_mask.bool()
     lengths = mask.sum(-1)
     # The estimator wrote one target per sequence on each of its tokens.
-    target = objectives._masked_sum(advantages, mask, -1) / lengths.clamp(min=1)
+    target = objectives.masked_sum(advantages, mask, -1) / lengths.clamp(min=1)
     loss, q = objectives.spo_loss(cfg, log_prob, mask, old_log_prob, target, torch.zeros_like(target))
     normalizer, _ = _global_counts(config, mask, "seq-mean-token-mean")
     # spo_loss is the mean over this micro-batch's sequences; verl sums micro-batches, so rescale to the
@@ -281,7 +281,7 @@ def spo_policy_loss(
     loss = loss * mask.shape[0] / normalizer
     # With q0 = 0 and the target in place of the reward, spo_loss's Q is beta sum_t (logp - old); Q - R is Q - y.
     metrics = {"actor/softpo/spo_q_minus_r": float((q - target).detach().mean()) if q.numel() else 0.0}
-    metrics["actor/ppo_kl"] = float(objectives._masked_mean((old_log_prob - log_prob).detach(), mask))
+    metrics["actor/ppo_kl"] = float(objectives.masked_mean((old_log_prob - log_prob).detach(), mask))
     return loss, metrics
 
 

@@ -1,0 +1,328 @@
+"""Autograd over the Triton vocabulary sweeps: each op a ladder of launcher (`softpo.kernels`), allocating
+function (`softpo.tiles` on the hidden path), `torch.autograd.Function`, public function.
+
+Public functions (called by `softpo.routes` with validated, flattened inputs; they trust their caller):
+`triton_token_logprobs` (per-token log-prob and entropy), `triton_fused_token_terms` (the same sweep with a
+token-level objective's terms evaluated in the forward kernel's epilogue), `hidden_loss_in_forward` and
+`logits_loss_in_forward` (an objective's gradient formed during the forward sweep), and `terms_args` (the
+epilogue's arguments for a config).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import tiles, vocab_parallel
+from .config import LossConfig
+from .kernels import logits as logits_sweep, terms as token_epilogue
+from .rows import valid_first
+from .sweep import Sweep, on_device, per_token
+
+
+def _grad_logp(g_out, coef, like):
+    """Upstream gradient of logp as contiguous fp32; in fused mode the term's gradient times d term / d logp."""
+    if g_out is None:
+        return torch.zeros_like(like)
+    return per_token(g_out if coef is None else g_out.float() * coef)
+
+
+class HiddenLogprobFunction(torch.autograd.Function):
+    """(out, entropy, logp) from hidden [N, H] and weight [V, H]; out is logp, or the terms when fused.
+
+    The forward and backward sweep logits tiles (`softpo.tiles`); the backward recomputes each tile and
+    turns it into its gradient in place before the two gradient matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, sweep: Sweep):
+        # An unused entropy output then arrives as None and its gradient term is skipped.
+        ctx.set_materialize_grads(False)
+        rows, (logp, lse, entropy, term, coef) = tiles.hidden_forward(hidden, weight, sweep)
+        if sweep.shard is not None:
+            logp, lse, entropy = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows)
+        ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
+        ctx.sweep = sweep
+        if term is None:
+            return logp, entropy, None
+        ctx.mark_non_differentiable(logp)
+        return term, entropy, logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_entropy, _g_logp):
+        hidden, weight, targets, rows, lse, entropy, coef = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if (g_out is None and g_entropy is None) or not (need_hidden or need_weight):
+            return None, None, None
+        sweep = ctx.sweep
+        d_hidden, d_weight = tiles.hidden_backward(
+            hidden, weight, targets, rows, lse, entropy, _grad_logp(g_out, coef, lse), per_token(g_entropy),
+            sweep.temperature, need_hidden, need_weight, sweep.flat_memory,
+        )
+        if d_hidden is not None and sweep.shard is not None:
+            vocab_parallel.reduce_hidden_grad(sweep.shard, d_hidden)
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None
+
+
+class HiddenGradientInForwardFunction(torch.autograd.Function):
+    """An objective's loss from hidden [N, H] and weight [V, H], its gradients made during the forward sweep.
+
+    `tile_gradients(idx, outputs)` gives d loss / d logp and d loss / d entropy (or None) of a tile's tokens
+    from the sweep's outputs so far (logp, lse, entropy, term, coef): a token-level objective's are known
+    before the sweep (the loss is linear in its terms and the entropy); a sequence-level one's are known
+    once the tile's whole sequences have their log-probs, so its tiles hold whole sequences (`tiles`). Each
+    tile then becomes its own gradient right after its forward sweep (`softpo.tiles.gradient_in_forward`):
+    three matmuls of 2NHV, no logits recomputed. With `sweep.flat_memory` only d hidden is formed so, and
+    d weight waits for the backward's vocabulary-major pass: 8NHV and no V x H fp32 accumulator. Returns
+    (surrogate, entropy, logp, term): the surrogate, zero-valued, carries the gradients (scaled by its
+    incoming gradient); the others are detached.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, sweep: Sweep, tiled, tile_gradients):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        rows, outputs, d_hidden, d_weight, g_logp, g_entropy = tiles.gradient_in_forward(
+            hidden, weight, sweep, tiled, tile_gradients, need_hidden, need_weight)
+        logp, lse, entropy, term, _ = outputs
+        ctx.weight_in_backward = sweep.flat_memory and need_weight
+        if ctx.weight_in_backward:
+            ctx.temperature = sweep.temperature
+            ctx.save_for_backward(d_hidden, hidden, weight, sweep.targets, rows, lse, entropy, g_logp, g_entropy)
+        else:
+            ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
+        return logp.new_zeros(()), entropy, logp, term
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_surrogate, *_):
+        if g_surrogate is None:
+            return None, None, None, None, None
+        scale = lambda d: None if d is None else d * g_surrogate.to(d.dtype)  # noqa: E731
+        if not ctx.weight_in_backward:
+            d_hidden, d_weight = ctx.saved_tensors
+            return scale(d_hidden), scale(d_weight), None, None, None
+        d_hidden, hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy = ctx.saved_tensors
+        # The per-token gradients take the scale, so the vocabulary-major pass writes d weight final.
+        _, d_weight = tiles._hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, scale(g_logp),
+                                                  scale(g_entropy), ctx.temperature, False, True)
+        return scale(d_hidden), d_weight, None, None, None
+
+
+class LogitsLogprobFunction(torch.autograd.Function):
+    """(out, entropy, logp) from logits [N, V]; out is logp, or the terms when fused."""
+
+    @staticmethod
+    def forward(ctx, logits, sweep: Sweep):
+        ctx.set_materialize_grads(False)
+        logp, lse, entropy, term, coef = logits_sweep.logits_logprob_fwd(
+            logits, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
+            return_entropy=sweep.return_entropy, terms=sweep.terms,
+        )
+        if sweep.shard is not None:
+            logp, lse, entropy = vocab_parallel.combine(
+                sweep.shard, logp, lse, entropy, sweep.targets, tiles._valid_rows(sweep)
+            )
+        ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
+        ctx.temperature = sweep.temperature
+        ctx.inplace = sweep.inplace_backward
+        if term is None:
+            return logp, entropy, None
+        ctx.mark_non_differentiable(logp)
+        return term, entropy, logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_entropy, _g_logp):
+        # Unpacking checks the version counter: logits modified since the forward raise here.
+        logits, targets, row_idx, n_valid, lse, entropy, coef = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_out is None and g_entropy is None):
+            return None, None
+        inplace = ctx.inplace
+        d_logits = logits_sweep.logits_logprob_bwd(
+            logits, targets, lse, _grad_logp(g_out, coef, lse), entropy=entropy, g_entropy=per_token(g_entropy),
+            temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid, out=logits if inplace else None,
+        )
+        if inplace:
+            # The logits now hold their gradient. Any other node that saved them (or a view of their
+            # storage) sees a newer version and refuses to run rather than read gradients as logits.
+            torch.autograd.graph.increment_version(logits)
+        return d_logits, None
+
+
+class LogitsGradientInForwardFunction(torch.autograd.Function):
+    """A token-level objective's loss from logits [N, V], with d logits written by the forward kernel
+    (`kernels.logits_loss_fwd`): the loss is linear in the terms and the entropy, whose weights (w_term,
+    w_entropy: fp32 [N]) are known before the sweep. Returns (surrogate, entropy, logp, term) as
+    `HiddenGradientInForwardFunction` does; the backward scales the stored d logits by the incoming gradient
+    in place (no pass at all when it is 1, the usual `loss.backward()`), so it runs once per forward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, sweep: Sweep, w_term, w_entropy):
+        logp, _, entropy, term, _, d_logits = logits_sweep.logits_loss_fwd(
+            logits, sweep.targets, sweep.terms, w_term, w_entropy, temperature=sweep.temperature,
+            row_idx=sweep.row_idx, n_valid=sweep.n_valid, return_entropy=sweep.return_entropy or w_entropy is not None,
+        )
+        ctx.save_for_backward(d_logits)
+        ctx.spent = False
+        ctx.mark_non_differentiable(logp, *[t for t in (entropy, term) if t is not None])
+        return logp.new_zeros(()), entropy, logp, term
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_surrogate, *_):
+        if g_surrogate is None:
+            return None, None, None, None
+        if ctx.spent:
+            raise RuntimeError(
+                "the logits' gradient formed in the forward was scaled in place by the first backward; a second "
+                "backward through the same policy_loss call (retain_graph=True) is not supported on this route: "
+                "call policy_loss again, or pass logits that do not require grad for one of the two"
+            )
+        ctx.spent = True
+        (d_logits,) = ctx.saved_tensors
+        return logits_sweep.scale_(d_logits, g_surrogate.detach().float()), None, None, None
+
+
+def _apply(function, x, *args):
+    with on_device(x):
+        return function.apply(x, *args)
+
+
+def _sweep(targets, valid, valid_count=None, **settings) -> Sweep:
+    assert valid is None or (valid.dtype == torch.bool and valid.shape == targets.shape)
+    row_idx, n_valid = valid_first(valid)
+    return Sweep(targets=targets.contiguous(), row_idx=row_idx, n_valid=n_valid,
+                 valid_count=None if valid is None else valid_count, **settings)
+
+
+def triton_token_logprobs(
+    targets: torch.Tensor,
+    *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    valid: torch.Tensor | None = None,
+    valid_count: int | None = None,
+    inplace_backward: bool = False,
+    shard: vocab_parallel.VocabShard | None = None,
+    flat_memory: bool = False,
+):
+    """Per-token log-prob of targets under softmax(z / temperature), z = hidden @ weight.T or logits.
+
+    targets int64 [N] (in [0, V) where valid); hidden [N, H] with weight [V, H], or logits [N, V];
+    valid bool [N] or None (all valid), valid_count its number of True values if known. Returns
+    (logp fp32 [N], entropy fp32 [N] or None), both differentiable; masked tokens give 0 and no gradient.
+    inplace_backward=True (logits only) writes d logits over the logits' storage during backward. With
+    `shard`, weight / logits hold this rank's vocabulary rows, targets are ids local to them, and the
+    results are the whole vocabulary's.
+    """
+    logp, entropy, _ = _logprob_sweep(
+        targets, valid, hidden, weight, logits, temperature=float(temperature), return_entropy=bool(return_entropy),
+        valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
+    )
+    return logp, entropy
+
+
+def triton_fused_token_terms(
+    config: LossConfig,
+    targets: torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    hidden: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    valid_count: int | None = None,
+    inplace_backward: bool = False,
+    shard: vocab_parallel.VocabShard | None = None,
+    flat_memory: bool = False,
+    **per_token_inputs,
+):
+    """One sweep yielding the per-token terms of a token-level objective (softpo.objectives.token_terms).
+
+    per_token_inputs: those of `terms_args` (advantages, old_logp, ref_logp, is_weight: fp32 [N]; None:
+    on-policy ratio 1 / no KL / weight 1; is_weight_as_given). Returns (terms fp32 [N] differentiable,
+    logp fp32 [N] detached, entropy fp32 [N] differentiable or None). The backward is the log-prob sweep with
+    grad_logp = grad_terms * d term / d logp.
+    """
+    term, entropy, logp = _logprob_sweep(
+        targets, valid, hidden, weight, logits, temperature=float(temperature), return_entropy=bool(return_entropy),
+        valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
+        terms=terms_args(config, **per_token_inputs),
+    )
+    return term, logp, entropy
+
+
+def _logprob_sweep(targets, valid, hidden, weight, logits, **settings):
+    """(out, entropy, logp) of the log-prob Function that fits the inputs (see `HiddenLogprobFunction`)."""
+    assert (logits is None) != (hidden is None or weight is None), "logits, or hidden and weight"
+    assert not settings.get("inplace_backward") or logits is not None, "inplace_backward is the logits path's"
+    sweep = _sweep(targets, valid, **settings)
+    if logits is not None:
+        return _apply(LogitsLogprobFunction, logits, sweep)
+    return _apply(HiddenLogprobFunction, hidden, weight, sweep)
+
+
+def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, weight, temperature, return_entropy,
+                           terms=None, valid_count=None, flat_memory=False):
+    """An objective on the hidden path with its gradients formed in the forward (`HiddenGradientInForwardFunction`).
+
+    tiled: lists of positions that each hold whole sequences (`softpo.tiles.sequence_tiles`), or None for
+    tiles of the valid tokens; tile_gradients(idx, outputs) -> (d loss / d logp, d loss / d entropy or None)
+    of the tokens `idx`; terms: the epilogue's arguments (`terms_args`) or None. Returns (surrogate, terms,
+    logp, entropy or None): a differentiable scalar whose gradient is the loss's gradient with respect to
+    hidden and weight, and the per-token values (detached) from which the caller computes the loss's value.
+    """
+    sweep = _sweep(targets, valid, valid_count, temperature=float(temperature), return_entropy=bool(return_entropy),
+                   terms=terms, flat_memory=bool(flat_memory))
+    surrogate, entropy, logp, term = _apply(HiddenGradientInForwardFunction, hidden, weight, sweep, tiled,
+                                            tile_gradients)
+    return surrogate, term, logp, entropy
+
+
+def logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, *, logits, temperature, return_entropy):
+    """A token-level objective on the logits path with d logits written by the forward kernel
+    (`LogitsGradientInForwardFunction`). w_term, w_entropy: d loss / d term and d loss / d entropy, [N]
+    (objectives.loss_weights). Returns (surrogate, terms, logp, entropy or None) as `hidden_loss_in_forward`."""
+    sweep = _sweep(targets, valid, temperature=float(temperature), return_entropy=bool(return_entropy), terms=terms)
+    surrogate, entropy, logp, term = _apply(LogitsGradientInForwardFunction, logits, sweep, per_token(w_term),
+                                            per_token(w_entropy))
+    return surrogate, term, logp, entropy
+
+
+def terms_args(config: LossConfig, advantages, old_logp=None, ref_logp=None, is_weight=None,
+               is_weight_as_given=False) -> token_epilogue.TermsArgs:
+    """The kernel epilogue's arguments for a token-level policy objective.
+
+    is_weight: the raw sampler ratio, which the epilogue bounds as the config says (its torch twin is
+    objectives.bound_rollout_weights), or with is_weight_as_given a weight the caller already bounded.
+    """
+    assert config.per_token_terms, config.name
+    gate = {"clip": token_epilogue.GATE_CLIP, "soft": token_epilogue.GATE_SOFT,
+            "cispo": token_epilogue.GATE_TRUNCATED}[config.gate]
+    if config.gate == "cispo":
+        lo, hi = config.cispo_floor or 0.0, config.epsilon_upper
+    else:
+        lo, hi = 1 - config.epsilon, 1 + config.epsilon_upper
+    kl = (
+        {"k1": token_epilogue.KL_K1, "k2": token_epilogue.KL_K2, "k3": token_epilogue.KL_K3}[config.kl_estimator]
+        if config.beta > 0 else token_epilogue.KL_NONE
+    )
+    return token_epilogue.TermsArgs(
+        advantages=per_token(advantages), old_logp=per_token(old_logp),
+        ref_logp=per_token(ref_logp) if kl != token_epilogue.KL_NONE else None, is_weight=per_token(is_weight),
+        gate=gate, lo=lo, hi=hi, delta=config.delta if config.gate == "clip" else None,
+        tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
+        beta=config.beta, kl=kl, kl_ratio=config.use_bias_correction_kl,
+        is_bound=token_epilogue.IS_AS_GIVEN if is_weight_as_given else
+        token_epilogue.IS_TRUNCATE if config.vllm_importance_sampling_mode.endswith("truncate")
+        else token_epilogue.IS_MASK,
+        is_lo=config.vllm_importance_sampling_clip_min or 0.0,
+        is_hi=float("inf") if config.vllm_importance_sampling_cap is None else config.vllm_importance_sampling_cap,
+    )

@@ -1,0 +1,175 @@
+"""The route a loss takes through the vocabulary sweep, decided once (`choose`) and run (`run`).
+
+- plain: the log-prob (and entropy) sweep, then the objective in torch. Every objective on both paths; the
+  only route for the chunked torch path, a vocab-parallel lm_head (a token's log-prob is known only after
+  the group combines) and a compiled call (torch.compile sees the sweep as one opaque custom op).
+- terms: Triton, token-level objectives: the forward kernel's epilogue evaluates each token's gate and KL,
+  so one launch yields the per-token terms and the coefficient their backward needs.
+- gradient: terms with gradients wanted: the loss is linear in the terms and the entropy, so the gradient is
+  formed during the forward sweep. Hidden path: each logits tile becomes its gradient, no logits
+  recomputed (memory="flat": only d hidden, d weight then taking the backward's vocabulary-major pass
+  instead of a V x H fp32 accumulator). Logits path: the forward kernel writes each row's d logits right
+  after its log-sum-exp (two reads and one write of the logits instead of three reads and one write; not
+  with memory="flat", which allocates d logits in the backward only, so that takes "terms").
+- sequence-gradient: gradient on the hidden path for sequence-level objectives (GSPO, GSPO-token, LUSPO,
+  VESPO, SPO): their per-token gradients need only their own sequence's log-probs, so tiles that hold whole
+  sequences form them in the forward too. Not with a top-entropy quantile, whose threshold couples every
+  token of the batch, nor when one sequence alone exceeds a tile: those take "plain".
+A token-level objective with rollout_logp but no old_logp takes "plain": its sampler weight needs logp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chunked, objectives, ops
+from .checks import LossInputs
+from .rows import take
+from .sweep import accumulation_dtype
+
+PLAIN, TERMS, GRADIENT, SEQUENCE_GRADIENT = "plain", "terms", "gradient", "sequence-gradient"
+
+
+def _triton():
+    """(softpo.fused, softpo.tiles), or a RuntimeError when the Triton path cannot be imported."""
+    try:
+        from . import fused, tiles
+    except ImportError as error:  # triton missing, or a kernel module that failed to import
+        raise RuntimeError(f"impl='triton' is unavailable: {error}") from error
+    return fused, tiles
+
+
+def choose(config, inputs: LossInputs, hidden, weight, logits, shard):
+    """(route, sequence tiles or None): the route that computes the loss, as the module docstring lists."""
+    if inputs.path != "triton" or torch.compiler.is_compiling() or shard is not None:
+        return PLAIN, None
+    differentiable = (logits,) if hidden is None else (hidden, weight)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if config.per_token_terms:
+        if inputs.rollout_logp is not None and inputs.old_logp is None:
+            return PLAIN, None
+        return (GRADIENT if wants_grad and not (logits is not None and inputs.flat_memory) else TERMS), None
+    if hidden is not None and wants_grad and config.top_entropy_quantile == 1:
+        B, T = inputs.mask.shape
+        tiles = _triton()[1].sequence_tiles(inputs.mask.reshape(-1), T, weight.shape[0], hidden.element_size(),
+                                            inputs.flat_memory, counts=inputs.valid_counts)
+        if tiles is not None:
+            return SEQUENCE_GRADIENT, tiles
+    return PLAIN, None
+
+
+def logprob_sweep(path, targets, *, hidden, weight, logits, temperature, return_entropy, valid=None,
+                  valid_count=None, inplace_backward=False, shard=None, flat_memory=False):
+    """The plain route: (logp [N], entropy [N] or None) from flat inputs on the chosen path.
+
+    The single-process torch path and compiled Triton calls run the custom ops of `softpo.ops`; a
+    vocabulary shard (a process group is no op argument) and eager Triton calls the autograd Functions."""
+    if path == "torch" and shard is None:
+        valid = torch.ones(targets.shape, dtype=torch.bool, device=targets.device) if valid is None else valid
+        logp, entropy, _ = ops.chunked_logprob(targets, valid, hidden, weight, logits, temperature, return_entropy,
+                                               chunked.TOKEN_CHUNK, chunked.VOCAB_CHUNK, flat_memory)
+        return logp, entropy if return_entropy else None
+    if path == "torch":
+        return chunked.chunked_token_logprobs(targets, hidden=hidden, weight=weight, logits=logits,
+                                              temperature=temperature, return_entropy=return_entropy, valid=valid,
+                                              shard=shard, flat_memory=flat_memory)
+    if torch.compiler.is_compiling() and shard is None and not inplace_backward:
+        logp, entropy, _ = ops.triton_logprob(targets.contiguous(), valid, hidden, weight, logits, temperature,
+                                              return_entropy, flat_memory)
+        return logp, entropy if return_entropy else None
+    return _triton()[0].triton_token_logprobs(
+        targets, hidden=hidden, weight=weight, logits=logits, temperature=temperature, return_entropy=return_entropy,
+        valid=valid, valid_count=valid_count, inplace_backward=inplace_backward, shard=shard, flat_memory=flat_memory,
+    )
+
+
+def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logits, normalizer, entropy_gather,
+        shard=None):
+    """(surrogate or None, terms or None, logp, entropy or None) of `route`, flat [N].
+
+    targets: flat ids (local to the shard); hidden [N, H] with weight, or logits [N, V]. The surrogate, when
+    given, carries the loss's gradient formed in the forward; terms, when given, are the epilogue's.
+    """
+    need_entropy = config.needs_entropy
+    valid = None if inputs.every_token_valid else inputs.mask.reshape(-1)
+    sweep = dict(hidden=hidden, weight=weight, temperature=inputs.temperature)
+    if route == PLAIN:
+        logp, entropy = logprob_sweep(inputs.path, targets, logits=logits, return_entropy=need_entropy, valid=valid,
+                                      valid_count=inputs.valid_count, shard=shard, flat_memory=inputs.flat_memory,
+                                      **sweep)
+        return None, None, logp, entropy
+    fused, _ = _triton()
+    if route == SEQUENCE_GRADIENT:
+        tile_gradients = _sequence_tile_gradients(config, inputs, normalizer, entropy_gather,
+                                                  accumulation_dtype(hidden.dtype))
+        surrogate, _, logp, entropy = fused.hidden_loss_in_forward(
+            targets, None, tiles, tile_gradients, return_entropy=need_entropy, flat_memory=inputs.flat_memory,
+            **sweep)
+        return surrogate, None, logp, entropy
+    per_token = _per_token_inputs(inputs)
+    if route == TERMS:
+        terms, logp, entropy = fused.triton_fused_token_terms(
+            config, targets, valid, logits=logits, return_entropy=need_entropy, valid_count=inputs.valid_count,
+            flat_memory=inputs.flat_memory, **sweep, **per_token)
+        return None, terms, logp, entropy
+    w_term, w_entropy = (None if w is None else w.reshape(-1)
+                         for w in objectives.loss_weights(config, inputs.mask, normalizer, entropy=need_entropy))
+    terms = fused.terms_args(config, **per_token)
+    if logits is not None:
+        return fused.logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, logits=logits,
+                                            temperature=inputs.temperature, return_entropy=need_entropy)
+
+    def tile_gradients(idx, outputs):
+        # The term's gradient is its weight times d term / d logp, which the epilogue just wrote (coef).
+        return take(w_term, idx) * take(outputs[4], idx), take(w_entropy, idx)
+
+    return fused.hidden_loss_in_forward(
+        targets, valid, None, tile_gradients, terms=terms, return_entropy=need_entropy or w_entropy is not None,
+        valid_count=inputs.valid_count, flat_memory=inputs.flat_memory, **sweep)
+
+
+def _per_token_inputs(inputs: LossInputs):
+    """The epilogue's per-token inputs, flat [N]. The sampler weight arrives bounded (`LossInputs`), so the
+    epilogue uses it as given."""
+    B, T = inputs.mask.shape
+    flat = lambda t: None if t is None else t.expand(B, T).reshape(-1)  # noqa: E731
+    return dict(advantages=flat(inputs.advantages), old_logp=flat(inputs.old_logp), ref_logp=flat(inputs.ref_logp),
+                is_weight=flat(inputs.importance_sampling_ratio), is_weight_as_given=True)
+
+
+def _sequence_tile_gradients(config, inputs: LossInputs, normalizer, entropy_gather, dtype):
+    """tile_gradients for the "sequence-gradient" route: d loss / d logp (and d loss / d entropy) of a tile's
+    tokens, by autograd through the objective itself.
+
+    The loss is a sum over sequences of terms that read only their own sequence (and a normalizer fixed by
+    the mask), so the tile's gradient is the same whatever the log-probs of the other sequences hold: they
+    stay at a finite stand-in (old_logp, or 0) and the objective is evaluated on the whole batch.
+    """
+    B, T = inputs.mask.shape
+    stand_in = inputs.old_logp if inputs.old_logp is not None else torch.zeros(B, T, dtype=dtype,
+                                                                               device=inputs.mask.device)
+    stand_in = stand_in.reshape(-1)
+    # Entropy computed for the metrics only (entropy_coef 0) has no gradient to give.
+    entropy_in_loss = config.entropy_coef != 0
+
+    def tile_gradients(idx, outputs):
+        logp, _, entropy, _, _ = outputs
+        with torch.enable_grad():
+            tile_logp = logp[idx].to(stand_in.dtype).requires_grad_()
+            leaves = [tile_logp]
+            full_entropy = None
+            if entropy_in_loss:
+                tile_entropy = entropy[idx].to(stand_in.dtype).requires_grad_()
+                leaves.append(tile_entropy)
+                full_entropy = torch.zeros_like(stand_in).index_put((idx,), tile_entropy).view(B, T)
+            full_logp = stand_in.index_put((idx,), tile_logp).view(B, T)
+            loss, _ = objectives.objective_loss(
+                config, full_logp, inputs.mask, inputs.advantages,
+                old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
+                rewards=inputs.rewards, q0=inputs.q0, entropy=full_entropy, normalizer=normalizer,
+                importance_sampling_ratio=inputs.importance_sampling_ratio, entropy_gather=entropy_gather,
+            )
+            grads = torch.autograd.grad(loss, leaves)
+        return grads[0].float(), (grads[1].float() if entropy_in_loss else None)
+
+    return tile_gradients
