@@ -7,6 +7,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def interpreting() -> bool:
@@ -45,22 +46,80 @@ def _online_lse(m, s, t, z):
 
 @triton.jit
 def _finish_lse(m, s, t):
-    """lse and entropy from a log-sum-exp state."""
+    """(log s, lse, entropy) from a log-sum-exp state.
+
+    lse = m + log s rounds to the ulp of m: once logits are large (2**24 in fp32) that ulp exceeds the
+    log-probs themselves, so users form log p = (z - m) - log s, never z - lse.
+    """
     log_s = tl.log(s)
-    return m + log_s, log_s - t / s
+    return log_s, m + log_s, log_s - t / s
 
 
 @triton.jit
-def _grad_tile(z, cols, targets, lse, entropy, g_logp, g_ent, inv_temperature, HAS_ENT_GRAD: tl.constexpr):
-    """d loss / d raw logits of one tile: (g_logp (1[v = y] - p) - g_ent p (log p + H)) / temperature."""
-    log_p = z - lse[:, None]
+def _split_lse(m, log_s):
+    """The rounding error lo of hi = fl(m + log s) (Knuth's two-sum): a later sweep recovers
+    (z - hi) - lo = (z - m) - log s to fp32 precision from the two per-row floats lse and lo."""
+    hi = m + log_s
+    b = hi - m
+    lo = (m - (hi - b)) + (log_s - b)
+    # Rows without a finite logit: lse is -inf and has no rounding error.
+    return tl.where(hi == float("-inf"), 0.0, lo)
+
+
+if interpreting():
+    @triton.jit
+    def _tanh(x):
+        """tanh for the interpreter, which has no libdevice (numpy's exp makes this accurate to a few ulp)."""
+        a = tl.abs(x)
+        big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+        x2 = x * x
+        # Near 0, where 1 - 2 / (e + 1) cancels, the series to x**9 (error below 1e-11 for |x| < 0.125).
+        small = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+        return tl.where(a < 0.125, small, tl.where(x < 0, -big, big))
+else:
+    @triton.jit
+    def _tanh(x):
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def _process(x, factor, threshold, logit_scale, softcap, inv_softcap,
+             HAS_SOFTCAP: tl.constexpr, KEEP_MINUS_INF: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
+    """Logits x (fp32) as the sampler saw them, z, and d z / d x.
+
+    z = softcap tanh(x logit_scale / softcap) factor with a softcap, else x factor, where factor is the
+    row's 1 / temperature (times logit_scale without a softcap), broadcastable to x. A -inf logit (a
+    banned or absent column) stays -inf under any transform; with a threshold, z below it becomes -inf.
+    """
+    if HAS_SOFTCAP:
+        tanh = _tanh(x * logit_scale * inv_softcap)
+        z = softcap * tanh * factor
+        chain = (logit_scale * factor) * (1.0 - tanh * tanh)
+    else:
+        z = x * factor
+        chain = tl.broadcast_to(factor, z.shape)
+    if KEEP_MINUS_INF:
+        z = tl.where(x == float("-inf"), float("-inf"), z)
+    if HAS_THRESHOLD:
+        z = tl.where(z >= threshold, z, float("-inf"))
+    return z, chain
+
+
+@triton.jit
+def _grad_tile(z, chain, cols, targets, m, log_s, entropy, g_logp, g_ent, HAS_ENT_GRAD: tl.constexpr):
+    """d loss / d raw logits of one tile of processed logits z: the gradient wrt z,
+    g_logp (1[v = y] - p) - g_ent p (log p + H), times chain = d z / d raw logit.
+
+    log p = (z - m) - log s with the row's max m and log sum s (or m = lse and log s = its rounding error).
+    """
+    log_p = (z - m[:, None]) - log_s[:, None]
     p = tl.exp(log_p)
     onehot = cols[None, :] == targets[:, None]
     grad = g_logp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
     if HAS_ENT_GRAD:
         # p underflows to 0 in absent columns, where log p is -inf.
         grad -= g_ent[:, None] * tl.where(p > 0, p * (log_p + entropy[:, None]), 0.0)
-    return grad * inv_temperature
+    return grad * chain
 
 
 @triton.jit

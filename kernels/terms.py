@@ -181,9 +181,10 @@ def _finish_rows(
     IS_BOUND: tl.constexpr,
 ):
     """End of every forward sweep: logp, lse, entropy and the epilogue from the rows' lse state.
-    Returns (lse, entropy, coef), coef 0 without terms."""
-    lse, entropy = _finish_lse(m, s, t)
-    logp = tl.where(active, z_target - lse, 0.0)
+    Returns (log s, lse, entropy, coef), coef 0 without terms."""
+    log_s, lse, entropy = _finish_lse(m, s, t)
+    # Relative to the row's max: z_target - lse would cancel once logits are large.
+    logp = tl.where(active, (z_target - m) - log_s, 0.0)
     tl.store(logp_ptr + rows, logp, mask=in_range)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=in_range)
     if STORE_ENTROPY:
@@ -195,7 +196,7 @@ def _finish_rows(
             lo, hi, delta, tau_pos, tau_neg, beta, is_lo, is_hi,
             GATE, HAS_OLD, HAS_DELTA, HAS_ISW, KL, KL_RATIO, IS_BOUND,
         )
-    return lse, entropy, coef
+    return log_s, lse, entropy, coef
 
 
 @triton.jit
