@@ -8,13 +8,14 @@ log-sum-exp; the backward recomputes each logits tile from the saved per-token l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from . import vocab_parallel
+from . import sampling, vocab_parallel
 from .rows import chunks
-from .sweep import SweepArgs, accumulation_dtype
+from .sweep import SweepArgs, accumulation_dtype, lse_rounding
 
 # A tile of TOKEN_CHUNK x VOCAB_CHUNK fp32 logits is 16 MiB: small enough that the allocator reuses
 # it from chunk to chunk instead of mapping fresh pages each time (glibc maps blocks above 32 MiB),
@@ -79,12 +80,13 @@ def _pick_targets(z, targets, col_offset, picked):
     return torch.where(inside, tile_pick, picked)
 
 
-def _grad_tile_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
-    """Turn a tile of scaled logits, in place, into d loss / d z for that tile.
+def _grad_tile_(z, lse, lse_low, entropy, targets, col_offset, g_logp, g_entropy):
+    """Turn a tile of processed logits, in place, into d loss / d z for that tile.
 
-    d logp / d z_v = 1[v = y] - p_v and d H / d z_v = -p_v (log p_v + H).
+    d logp / d z_v = 1[v = y] - p_v and d H / d z_v = -p_v (log p_v + H). log p = (z - lse) - lse_low:
+    lse's rounding error restores the precision of (z - max) - log sum at large logit offsets.
     """
-    log_p = z.sub_(lse.unsqueeze(-1))
+    log_p = z.sub_(lse.unsqueeze(-1)).sub_(lse_low.unsqueeze(-1))
     if g_entropy is None:
         grad = log_p.exp_().mul_(-g_logp.unsqueeze(-1))
     else:
@@ -101,48 +103,119 @@ def _grad_tile_(z, lse, entropy, targets, col_offset, g_logp, g_entropy):
     return grad
 
 
+class _Sampler:
+    """A token chunk's raw tiles -> the sampler's logits (`softpo.sampling`), and the chain rule back.
+
+    Plain sweeps get tiles already divided by the temperature (folded into the hidden chunk or the copy of
+    the logits); the others get raw tiles: processed here, then truncated at the rows' thresholds.
+    """
+
+    def __init__(self, args: SweepArgs, rows, like, threshold=None):
+        self.plain = args.plain
+        self.transform = args.transform
+        self.inv = None if self.plain else sampling.inverse_temperature(args.temperature, rows, like)
+        if isinstance(self.inv, torch.Tensor):
+            self.inv = self.inv.to(like.dtype)
+        self.threshold = None if threshold is None else threshold[rows]
+
+    def process(self, x):
+        return x if self.plain else sampling.process(x, self.transform, self.inv)
+
+    def __call__(self, x):
+        return sampling.truncate(self.process(x), self.threshold)
+
+    def gradient(self, x, lse, lse_low, entropy, targets, v0, g_logp, g_entropy):
+        """d loss / d x of the raw tile x (overwritten when plain)."""
+        grad = _grad_tile_(self(x), lse, lse_low, entropy, targets, v0, g_logp, g_entropy)
+        return grad if self.plain else grad.mul_(sampling.process_grad(x, self.transform, self.inv))
+
+
+def _thresholds(args, n, V, raw_tile, sampler, like):
+    """The sampler's truncation thresholds [n] of a token chunk (None: nothing truncated), from one extra
+    read of its tiles (a second one for rows whose nucleus lies past the candidates)."""
+    V_all = V if args.shard is None else args.shard.vocab
+    if not args.transform.truncates(V_all):
+        return None
+
+    def chunks_for(sub):
+        for v0 in range(0, V, args.vocab_chunk):
+            z = sampler.process(raw_tile(v0, min(v0 + args.vocab_chunk, V)))
+            yield z if sub is None else z[sub]
+
+    if args.shard is not None:
+        return vocab_parallel.find_thresholds(args.shard, args.transform, n, chunks_for, like)
+    return sampling.find_thresholds(args.transform, n, V, chunks_for, like)
+
+
 def _forward_sweep(valid_rows, targets, V, N, acc, args, tiles_for):
-    """The forward sweep shared by both inputs. `tiles_for(rows)` returns a function of (v0, v1)
-    giving that token chunk's [n, v1 - v0] tile of logits / temperature in `acc`. With a vocabulary
-    shard, targets are local ids and the results are combined over the shard's group."""
+    """The forward sweep shared by both inputs. `tiles_for(rows)` returns a function of (v0, v1) giving that
+    token chunk's [n, v1 - v0] raw tile in `acc` (already / temperature for a plain sweep). With a vocabulary
+    shard, targets are local ids and the results are combined over the shard's group.
+
+    Returns (logp, entropy or None, stats [2, N]: lse and its rounding error, thresholds [N] or None)."""
     device = targets.device
     logp = torch.zeros(N, dtype=acc, device=device)
     entropy = torch.zeros(N, dtype=acc, device=device) if args.return_entropy else None
-    lse_all = torch.zeros(N, dtype=acc, device=device)
+    stats = torch.zeros(2, N, dtype=acc, device=device)
+    threshold = None
     for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
         t = targets[rows]
         tile = tiles_for(rows)
-        state = OnlineLogSumExp(rows.numel(), lse_all, args.return_entropy)
+        sampler = _Sampler(args, rows, stats)
+        found = _thresholds(args, rows.numel(), V, tile, sampler, stats)
+        if found is not None:
+            threshold = torch.full((N,), float("-inf"), dtype=acc, device=device) if threshold is None else threshold
+            threshold[rows] = found
+            sampler.threshold = found
+        state = OnlineLogSumExp(rows.numel(), stats, args.return_entropy)
         target_logit = torch.zeros(rows.numel(), dtype=acc, device=device)
         for v0 in range(0, V, args.vocab_chunk):
-            z = tile(v0, min(v0 + args.vocab_chunk, V))
+            z = sampler(tile(v0, min(v0 + args.vocab_chunk, V)))
             target_logit = _pick_targets(z, t, v0, target_logit)
             state.update(z)
-        lse = state.lse()
-        lse_all[rows] = lse
-        logp[rows] = target_logit - lse
+        log_s = torch.log(state.sum)
+        lse, lse_low = lse_rounding(state.max, log_s)
+        stats[0, rows], stats[1, rows] = lse, lse_low
+        # Relative to the row's max: target - lse would round to the ulp of lse at large logit offsets.
+        logp[rows] = (target_logit - state.max) - log_s
         if entropy is not None:
             entropy[rows] = state.entropy()
     if args.shard is not None:
-        logp, lse_all, entropy = vocab_parallel.combine(args.shard, logp, lse_all, entropy, targets, valid_rows)
-    return logp, entropy, lse_all
+        logp, lse, entropy, lse_low = vocab_parallel.combine(args.shard, logp, stats[0], entropy, targets, valid_rows,
+                                                             stats[1])
+        stats = torch.stack([lse, lse_low])
+    return logp, entropy, stats, threshold
 
 
-def _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume):
-    """Recompute each tile, turn it into d loss / d (logits / temperature) and hand it to
-    `consume(rows, v0, v1, grad)`."""
-    acc = lse_all.dtype
+def _backward_sweep(valid_rows, targets, V, stats, entropy_all, g_logp, g_entropy, args, tiles_for, consume,
+                    threshold=None):
+    """Recompute each tile, turn it into d loss / d (raw tile) and hand it to `consume(rows, v0, v1, grad)`."""
+    acc = stats.dtype
     if g_logp is None:
-        g_logp = torch.zeros_like(lse_all)
+        g_logp = torch.zeros_like(stats[0])
     for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
         t = targets[rows]
         gl = g_logp[rows].to(acc)
         ge = g_entropy[rows].to(acc) if g_entropy is not None else None
         ent = entropy_all[rows] if ge is not None else None
         tile = tiles_for(rows)
+        sampler = _Sampler(args, rows, stats, threshold)
         for v0 in range(0, V, args.vocab_chunk):
             v1 = min(v0 + args.vocab_chunk, V)
-            consume(rows, v0, v1, _grad_tile_(tile(v0, v1), lse_all[rows], ent, t, v0, gl, ge))
+            consume(rows, v0, v1, sampler.gradient(tile(v0, v1), stats[0, rows], stats[1, rows], ent, t, v0, gl, ge))
+
+
+def _supported(g_logp, logp):
+    """g_logp with zeros where the target lies outside the sampler's kept set (logp -inf): the one-hot term
+    of the tile gradient would otherwise be added for a log-prob that does not depend on the logits."""
+    if g_logp is None:
+        return None
+    return torch.where(logp == float("-inf"), torch.zeros_like(g_logp), g_logp)
+
+
+def _row_chunk(args: ChunkedArgs) -> ChunkedArgs:
+    # One row per chunk under batch_invariant: every matmul and reduction then has the same shape for each row.
+    return dataclasses.replace(args, token_chunk=1) if args.batch_invariant else args
 
 
 class ChunkedHiddenLogprobFunction(torch.autograd.Function):
@@ -150,22 +223,24 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, valid_rows, args: ChunkedArgs):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
+        args = _row_chunk(args)
         acc = accumulation_dtype(hidden.dtype)
-        tiles_for = _hidden_tiles(hidden, weight, acc, args.temperature)
-        logp, entropy, lse_all = _forward_sweep(
+        tiles_for = _hidden_tiles(hidden, weight, acc, _folded_scale(args))
+        logp, entropy, stats, threshold = _forward_sweep(
             valid_rows, targets, weight.shape[0], hidden.shape[0], acc, args, tiles_for
         )
-        ctx.save_for_backward(hidden, weight, targets, valid_rows, lse_all, entropy if entropy is not None else lse_all)
+        ctx.save_for_backward(hidden, weight, targets, valid_rows, stats, entropy, logp, threshold)
         ctx.args = args
-        return logp if entropy is None else (logp, entropy)
+        return logp if not args.return_entropy else (logp, entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
-        hidden, weight, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
+        hidden, weight, targets, valid_rows, stats, entropy_all, logp, threshold = ctx.saved_tensors
         args: ChunkedArgs = ctx.args
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp,
-                                           g_entropy, args, need_hidden, need_weight)
+        d_hidden, d_weight = _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all,
+                                           _supported(g_logp, logp), g_entropy, args, need_hidden, need_weight,
+                                           threshold)
         if need_hidden and args.shard is not None:
             vocab_parallel.reduce_hidden_grad(args.shard, d_hidden)
         return (
@@ -177,16 +252,21 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
         )
 
 
-def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args,
-                  need_hidden, need_weight):
+def _folded_scale(args: SweepArgs) -> float:
+    """The factor folded into a plain sweep's raw tiles (1 / temperature); other sweeps process raw tiles."""
+    return 1.0 / args.temperature if args.plain else 1.0
+
+
+def _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all, g_logp, g_entropy, args,
+                  need_hidden, need_weight, threshold=None):
     """(d hidden, d weight) (None where not needed): each tile recomputed and turned into its gradient.
 
     Default: one token-major pass, both gradients in accumulation-dtype buffers. flat_memory: d hidden
     token-major, written chunk by chunk in its own dtype, then d weight in a vocabulary-major pass that
     recomputes the tiles and sums one vocabulary chunk at a time.
     """
-    acc = lse_all.dtype
-    inv_temperature = 1.0 / args.temperature
+    acc = stats.dtype
+    inv_temperature = _folded_scale(args)
     flat = args.flat_memory
     d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype if flat else acc, device=hidden.device) \
         if need_hidden else None
@@ -212,20 +292,21 @@ def _hidden_grads(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_l
             d_weight[v0:v1].addmm_(grad.T, state["h"])
 
     if need_hidden or not flat:
-        _backward_sweep(valid_rows, targets, V, lse_all, entropy_all, g_logp, g_entropy, args, tiles_for, consume)
+        _backward_sweep(valid_rows, targets, V, stats, entropy_all, g_logp, g_entropy, args, tiles_for, consume,
+                        threshold)
     if need_weight and flat:
-        _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy,
-                                   args, d_weight)
+        _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, stats, entropy_all, g_logp, g_entropy,
+                                   args, d_weight, threshold)
     return d_hidden, d_weight
 
 
-def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args,
-                               d_weight):
+def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, stats, entropy_all, g_logp, g_entropy, args,
+                               d_weight, threshold=None):
     """d weight one vocabulary chunk at a time: every token chunk's tile of that chunk becomes its gradient
     (the global lse and entropy make it exact on its own) and sums into a chunk-sized accumulator."""
-    acc = lse_all.dtype
-    inv_temperature = 1.0 / args.temperature
-    g_logp = torch.zeros_like(lse_all) if g_logp is None else g_logp.to(acc)
+    acc = stats.dtype
+    inv_temperature = _folded_scale(args)
+    g_logp = torch.zeros_like(stats[0]) if g_logp is None else g_logp.to(acc)
     g_entropy = None if g_entropy is None else g_entropy.to(acc)
     for v0 in range(0, weight.shape[0], args.vocab_chunk):
         w = weight[v0:v0 + args.vocab_chunk].to(acc)
@@ -233,28 +314,27 @@ def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, lse_all, ent
         for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
             h = hidden[rows].to(acc) * inv_temperature
             ge = None if g_entropy is None else g_entropy[rows]
-            grad = _grad_tile_(h @ w.T, lse_all[rows], None if ge is None else entropy_all[rows], targets[rows], v0,
-                               g_logp[rows], ge)
+            sampler = _Sampler(args, rows, stats, threshold)
+            grad = sampler.gradient(h @ w.T, stats[0, rows], stats[1, rows], None if ge is None else entropy_all[rows],
+                                    targets[rows], v0, g_logp[rows], ge)
             block.addmm_(grad.T, h)
         d_weight[v0:v0 + args.vocab_chunk] = block
 
 
-def _hidden_tiles(hidden, weight, acc, temperature):
+def _hidden_tiles(hidden, weight, acc, scale):
     def tiles_for(rows):
         # Scaling the [n, H] hidden chunk instead of each [n, v] tile applies the temperature once.
-        h = hidden[rows].to(acc) * (1.0 / temperature)
+        h = hidden[rows].to(acc) * scale
         return lambda v0, v1: h @ weight[v0:v1].to(acc).T
 
     return tiles_for
 
 
-def _logits_tiles(logits, acc, temperature):
-    inv_temperature = 1.0 / temperature
-
+def _logits_tiles(logits, acc, scale):
     def tile(rows, v0, v1):
         # Indexing by a row tensor already copies, so the sweep may scale and overwrite the tile in place.
         z = logits[rows, v0:v1].to(acc)
-        return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
+        return z if scale == 1.0 else z.mul_(scale)
 
     def tiles_for(rows):
         return lambda v0, v1: tile(rows, v0, v1)
@@ -266,36 +346,38 @@ class ChunkedLogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, valid_rows, args: ChunkedArgs):
         ctx.set_materialize_grads(False)
+        args = _row_chunk(args)
         acc = accumulation_dtype(logits.dtype)
-        logp, entropy, lse_all = _forward_sweep(
+        logp, entropy, stats, threshold = _forward_sweep(
             valid_rows, targets, logits.shape[1], logits.shape[0], acc, args,
-            _logits_tiles(logits, acc, args.temperature),
+            _logits_tiles(logits, acc, _folded_scale(args)),
         )
-        ctx.save_for_backward(logits, targets, valid_rows, lse_all, entropy if entropy is not None else lse_all)
+        ctx.save_for_backward(logits, targets, valid_rows, stats, entropy, logp, threshold)
         ctx.args = args
-        return logp if entropy is None else (logp, entropy)
+        return logp if not args.return_entropy else (logp, entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
-        logits, targets, valid_rows, lse_all, entropy_all = ctx.saved_tensors
-        d_logits = _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, ctx.args)
+        logits, targets, valid_rows, stats, entropy_all, logp, threshold = ctx.saved_tensors
+        d_logits = _logits_grad(logits, targets, valid_rows, stats, entropy_all, _supported(g_logp, logp), g_entropy,
+                                ctx.args, threshold)
         return d_logits, None, None, None
 
 
-def _logits_grad(logits, targets, valid_rows, lse_all, entropy_all, g_logp, g_entropy, args):
+def _logits_grad(logits, targets, valid_rows, stats, entropy_all, g_logp, g_entropy, args, threshold=None):
     """d logits in the logits' dtype, zero on rows outside `valid_rows`."""
     d_logits = torch.zeros_like(logits)
     # The tile gradient is linear in the incoming gradients: scaling those by the chain-rule
     # factor 1 / temperature of z = logits / temperature saves a pass over every tile.
-    inv_temperature = 1.0 / args.temperature
-    g_logp = g_logp * inv_temperature if g_logp is not None else None
-    g_entropy = g_entropy * inv_temperature if g_entropy is not None else None
+    scale = _folded_scale(args)
+    g_logp = g_logp * scale if g_logp is not None else None
+    g_entropy = g_entropy * scale if g_entropy is not None else None
 
     def consume(rows, v0, v1, grad):
         d_logits[rows, v0:v1] = grad.to(logits.dtype)
 
-    _backward_sweep(valid_rows, targets, logits.shape[1], lse_all, entropy_all, g_logp, g_entropy, args,
-                    _logits_tiles(logits, lse_all.dtype, args.temperature), consume)
+    _backward_sweep(valid_rows, targets, logits.shape[1], stats, entropy_all, g_logp, g_entropy, args,
+                    _logits_tiles(logits, stats.dtype, scale), consume, threshold)
     return d_logits
 
 
@@ -305,23 +387,28 @@ def chunked_token_logprobs(
     hidden: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = False,
     valid: torch.Tensor | None = None,
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     shard: vocab_parallel.VocabShard | None = None,
     flat_memory: bool = False,
+    transform: sampling.SamplerTransform = sampling.SamplerTransform(),
+    batch_invariant: bool = False,
 ):
     """Flat inputs (targets [N], hidden [N, H] + weight [V, H] or logits [N, V], valid [N] bool) ->
     (logp [N], entropy [N] or None), fp32 (float64 for float64 inputs). Rows where `valid` is False get 0 and zero gradient.
     With `shard`, weight / logits hold this rank's vocabulary rows and targets are ids local to them.
     flat_memory: the hidden path's d weight summed one vocabulary chunk at a time (see `_hidden_grads`).
+    temperature: a float or fp32 [N]; transform, batch_invariant: the sampler's distribution (`SweepArgs`).
     These are the autograd Functions; `softpo.ops` holds the same sweep as custom ops for torch.compile."""
     N = targets.shape[0]
     args = ChunkedArgs(
-        temperature=float(temperature), return_entropy=bool(return_entropy), token_chunk=token_chunk or TOKEN_CHUNK,
-        vocab_chunk=vocab_chunk or VOCAB_CHUNK, shard=shard, flat_memory=bool(flat_memory),
+        temperature=temperature if isinstance(temperature, torch.Tensor) else float(temperature),
+        return_entropy=bool(return_entropy), token_chunk=token_chunk or TOKEN_CHUNK,
+        vocab_chunk=vocab_chunk or VOCAB_CHUNK, shard=shard, flat_memory=bool(flat_memory), transform=transform,
+        batch_invariant=bool(batch_invariant),
     )
     # Positions even when every token is valid: indexing by positions copies, and the sweep overwrites
     # its tiles in place.

@@ -13,18 +13,57 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import tiles, vocab_parallel
+import dataclasses
+
+from . import sampling, tiles, vocab_parallel
 from .config import LossConfig
 from .kernels import logits as logits_sweep, terms as token_epilogue
-from .rows import valid_first
+from .rows import chunks, put, take, valid_first
 from .sweep import Sweep, on_device, per_token
 
 
-def _grad_logp(g_out, coef, like):
-    """Upstream gradient of logp as contiguous fp32; in fused mode the term's gradient times d term / d logp."""
+def _grad_logp(g_out, coef, like, logp=None):
+    """Upstream gradient of logp as contiguous fp32; in fused mode the term's gradient times d term / d logp.
+    Zero where logp is -inf (a target outside the sampler's kept set): such a log-prob has no gradient, and
+    a sweep over part of the vocabulary (a shard, a block of rows) cannot see that its target was dropped."""
     if g_out is None:
         return torch.zeros_like(like)
-    return per_token(g_out if coef is None else g_out.float() * coef)
+    g = per_token(g_out if coef is None else g_out.float() * coef)
+    if logp is not None:
+        g = torch.where(logp == float("-inf"), torch.zeros_like(g), g)
+    return g
+
+
+def _logits_sampler(logits, sweep: Sweep) -> tiles.TileSampler:
+    """The sampler of a logits sweep: thresholds searched over chunks of the valid rows' logits (one more read
+    of them, merged over the group for a vocabulary shard) and a buffer for lse's rounding error."""
+    N, V = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    sampler = tiles.TileSampler(temperature=sweep.temperature, transform=sweep.transform, lse_low=torch.zeros(N, **f32),
+                                block=tiles.invariant_rows(logits.device) if sweep.batch_invariant else None)
+    V_all = V if sweep.shard is None else sweep.shard.vocab
+    if not sweep.transform.truncates(V_all):
+        return sampler
+    sampler = dataclasses.replace(sampler, threshold=torch.full((N,), float("-inf"), **f32))
+    rows = tiles._valid_rows(sweep)
+    n = N if rows is None else rows.numel()
+    for idx in chunks(n, 1024, rows):
+        x = take(logits, idx)
+        if sweep.shard is None:
+            found = tiles._search_tile(sampler, x, idx, V)
+        else:
+            inv = sampling.inverse_temperature(sweep.temperature, None, x)
+            inv = take(inv, idx) if isinstance(inv, torch.Tensor) else inv
+
+            def chunks_for(sub, x=x, inv=inv):
+                for v0 in range(0, V, 1 << 14):
+                    z = sampling.process(x[:, v0:v0 + (1 << 14)].float(), sweep.transform, inv)
+                    yield z if sub is None else z[sub]
+
+            found = vocab_parallel.find_thresholds(sweep.shard, sweep.transform, x.shape[0], chunks_for,
+                                                   sampler.threshold)
+        put(sampler.threshold, idx, found)
+    return sampler
 
 
 class HiddenLogprobFunction(torch.autograd.Function):
@@ -38,11 +77,14 @@ class HiddenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        rows, (logp, lse, entropy, term, coef) = tiles.hidden_forward(hidden, weight, sweep)
+        rows, (logp, lse, entropy, term, coef), sampler = tiles.hidden_forward(hidden, weight, sweep)
         if sweep.shard is not None:
-            logp, lse, entropy = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows)
-        ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef)
+            logp, lse, entropy, lse_low = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows,
+                                                                 sampler.lse_low)
+            sampler = dataclasses.replace(sampler, lse_low=lse_low)
+        ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef, logp)
         ctx.sweep = sweep
+        ctx.sampler = sampler
         if term is None:
             return logp, entropy, None
         ctx.mark_non_differentiable(logp)
@@ -51,14 +93,14 @@ class HiddenLogprobFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_entropy, _g_logp):
-        hidden, weight, targets, rows, lse, entropy, coef = ctx.saved_tensors
+        hidden, weight, targets, rows, lse, entropy, coef, logp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         if (g_out is None and g_entropy is None) or not (need_hidden or need_weight):
             return None, None, None
         sweep = ctx.sweep
         d_hidden, d_weight = tiles.hidden_backward(
-            hidden, weight, targets, rows, lse, entropy, _grad_logp(g_out, coef, lse), per_token(g_entropy),
-            sweep.temperature, need_hidden, need_weight, sweep.flat_memory,
+            hidden, weight, targets, rows, lse, entropy, _grad_logp(g_out, coef, lse, logp), per_token(g_entropy),
+            ctx.sampler, need_hidden, need_weight, sweep.flat_memory,
         )
         if d_hidden is not None and sweep.shard is not None:
             vocab_parallel.reduce_hidden_grad(sweep.shard, d_hidden)
@@ -82,12 +124,13 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, sweep: Sweep, tiled, tile_gradients):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        rows, outputs, d_hidden, d_weight, g_logp, g_entropy = tiles.gradient_in_forward(
+        rows, outputs, d_hidden, d_weight, g_logp, g_entropy, sampler = tiles.gradient_in_forward(
             hidden, weight, sweep, tiled, tile_gradients, need_hidden, need_weight)
         logp, lse, entropy, term, _ = outputs
         ctx.weight_in_backward = sweep.flat_memory and need_weight
         if ctx.weight_in_backward:
-            ctx.temperature = sweep.temperature
+            ctx.sampler = sampler
+            g_logp = _grad_logp(g_logp, None, lse, logp)
             ctx.save_for_backward(d_hidden, hidden, weight, sweep.targets, rows, lse, entropy, g_logp, g_entropy)
         else:
             ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
@@ -106,7 +149,7 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
         d_hidden, hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy = ctx.saved_tensors
         # The per-token gradients take the scale, so the vocabulary-major pass writes d weight final.
         _, d_weight = tiles._hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, scale(g_logp),
-                                                  scale(g_entropy), ctx.temperature, False, True)
+                                                  scale(g_entropy), ctx.sampler, False, True)
         return scale(d_hidden), d_weight, None, None, None
 
 
@@ -116,16 +159,18 @@ class LogitsLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, sweep: Sweep):
         ctx.set_materialize_grads(False)
+        sampler = _logits_sampler(logits, sweep)
         logp, lse, entropy, term, coef = logits_sweep.logits_logprob_fwd(
-            logits, sweep.targets, temperature=sweep.temperature, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
-            return_entropy=sweep.return_entropy, terms=sweep.terms,
+            logits, sweep.targets, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
+            return_entropy=sweep.return_entropy, terms=sweep.terms, **sampler.kernel_kwargs(slice(None)),
         )
         if sweep.shard is not None:
-            logp, lse, entropy = vocab_parallel.combine(
-                sweep.shard, logp, lse, entropy, sweep.targets, tiles._valid_rows(sweep)
+            logp, lse, entropy, lse_low = vocab_parallel.combine(
+                sweep.shard, logp, lse, entropy, sweep.targets, tiles._valid_rows(sweep), sampler.lse_low
             )
-        ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef)
-        ctx.temperature = sweep.temperature
+            sampler = dataclasses.replace(sampler, lse_low=lse_low)
+        ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef, logp)
+        ctx.sampler = sampler
         ctx.inplace = sweep.inplace_backward
         if term is None:
             return logp, entropy, None
@@ -136,13 +181,13 @@ class LogitsLogprobFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_out, g_entropy, _g_logp):
         # Unpacking checks the version counter: logits modified since the forward raise here.
-        logits, targets, row_idx, n_valid, lse, entropy, coef = ctx.saved_tensors
+        logits, targets, row_idx, n_valid, lse, entropy, coef, logp = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_out is None and g_entropy is None):
             return None, None
         inplace = ctx.inplace
         d_logits = logits_sweep.logits_logprob_bwd(
-            logits, targets, lse, _grad_logp(g_out, coef, lse), entropy=entropy, g_entropy=per_token(g_entropy),
-            temperature=ctx.temperature, row_idx=row_idx, n_valid=n_valid, out=logits if inplace else None,
+            logits, targets, lse, _grad_logp(g_out, coef, lse, logp), entropy=entropy, g_entropy=per_token(g_entropy),
+            row_idx=row_idx, n_valid=n_valid, out=logits if inplace else None, **ctx.sampler.kernel_kwargs(slice(None)),
         )
         if inplace:
             # The logits now hold their gradient. Any other node that saved them (or a view of their
@@ -161,9 +206,10 @@ class LogitsGradientInForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, sweep: Sweep, w_term, w_entropy):
+        sampler = _logits_sampler(logits, sweep)
         logp, _, entropy, term, _, d_logits = logits_sweep.logits_loss_fwd(
-            logits, sweep.targets, sweep.terms, w_term, w_entropy, temperature=sweep.temperature,
-            row_idx=sweep.row_idx, n_valid=sweep.n_valid, return_entropy=sweep.return_entropy or w_entropy is not None,
+            logits, sweep.targets, sweep.terms, w_term, w_entropy, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
+            return_entropy=sweep.return_entropy or w_entropy is not None, **sampler.kernel_kwargs(slice(None)),
         )
         ctx.save_for_backward(d_logits)
         ctx.spent = False
@@ -191,6 +237,11 @@ def _apply(function, x, *args):
         return function.apply(x, *args)
 
 
+def _temperature(temperature):
+    """A float, or one fp32 value per flat token."""
+    return temperature.float().contiguous() if isinstance(temperature, torch.Tensor) else float(temperature)
+
+
 def _sweep(targets, valid, valid_count=None, **settings) -> Sweep:
     assert valid is None or (valid.dtype == torch.bool and valid.shape == targets.shape)
     row_idx, n_valid = valid_first(valid)
@@ -204,13 +255,15 @@ def triton_token_logprobs(
     hidden: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = False,
     valid: torch.Tensor | None = None,
     valid_count: int | None = None,
     inplace_backward: bool = False,
     shard: vocab_parallel.VocabShard | None = None,
     flat_memory: bool = False,
+    transform: sampling.SamplerTransform = sampling.SamplerTransform(),
+    batch_invariant: bool = False,
 ):
     """Per-token log-prob of targets under softmax(z / temperature), z = hidden @ weight.T or logits.
 
@@ -219,11 +272,13 @@ def triton_token_logprobs(
     (logp fp32 [N], entropy fp32 [N] or None), both differentiable; masked tokens give 0 and no gradient.
     inplace_backward=True (logits only) writes d logits over the logits' storage during backward. With
     `shard`, weight / logits hold this rank's vocabulary rows, targets are ids local to them, and the
-    results are the whole vocabulary's.
+    results are the whole vocabulary's. temperature: a float or fp32 [N]; transform, batch_invariant: the
+    sampler's distribution (`softpo.sweep.SweepArgs`).
     """
     logp, entropy, _ = _logprob_sweep(
-        targets, valid, hidden, weight, logits, temperature=float(temperature), return_entropy=bool(return_entropy),
+        targets, valid, hidden, weight, logits, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
         valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
+        transform=transform, batch_invariant=bool(batch_invariant),
     )
     return logp, entropy
 
@@ -236,12 +291,14 @@ def triton_fused_token_terms(
     hidden: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = False,
     valid_count: int | None = None,
     inplace_backward: bool = False,
     shard: vocab_parallel.VocabShard | None = None,
     flat_memory: bool = False,
+    transform: sampling.SamplerTransform = sampling.SamplerTransform(),
+    batch_invariant: bool = False,
     **per_token_inputs,
 ):
     """One sweep yielding the per-token terms of a token-level objective (softpo.objectives.token_terms).
@@ -252,9 +309,9 @@ def triton_fused_token_terms(
     grad_logp = grad_terms * d term / d logp.
     """
     term, entropy, logp = _logprob_sweep(
-        targets, valid, hidden, weight, logits, temperature=float(temperature), return_entropy=bool(return_entropy),
+        targets, valid, hidden, weight, logits, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
         valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
-        terms=terms_args(config, **per_token_inputs),
+        terms=terms_args(config, **per_token_inputs), transform=transform, batch_invariant=bool(batch_invariant),
     )
     return term, logp, entropy
 
@@ -270,7 +327,8 @@ def _logprob_sweep(targets, valid, hidden, weight, logits, **settings):
 
 
 def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, weight, temperature, return_entropy,
-                           terms=None, valid_count=None, flat_memory=False):
+                           terms=None, valid_count=None, flat_memory=False, transform=sampling.SamplerTransform(),
+                           batch_invariant=False):
     """An objective on the hidden path with its gradients formed in the forward (`HiddenGradientInForwardFunction`).
 
     tiled: lists of positions that each hold whole sequences (`softpo.tiles.sequence_tiles`), or None for
@@ -279,18 +337,21 @@ def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, wei
     logp, entropy or None): a differentiable scalar whose gradient is the loss's gradient with respect to
     hidden and weight, and the per-token values (detached) from which the caller computes the loss's value.
     """
-    sweep = _sweep(targets, valid, valid_count, temperature=float(temperature), return_entropy=bool(return_entropy),
-                   terms=terms, flat_memory=bool(flat_memory))
+    sweep = _sweep(targets, valid, valid_count, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
+                   terms=terms, flat_memory=bool(flat_memory), transform=transform,
+                   batch_invariant=bool(batch_invariant))
     surrogate, entropy, logp, term = _apply(HiddenGradientInForwardFunction, hidden, weight, sweep, tiled,
                                             tile_gradients)
     return surrogate, term, logp, entropy
 
 
-def logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, *, logits, temperature, return_entropy):
+def logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, *, logits, temperature, return_entropy,
+                           transform=sampling.SamplerTransform(), batch_invariant=False):
     """A token-level objective on the logits path with d logits written by the forward kernel
     (`LogitsGradientInForwardFunction`). w_term, w_entropy: d loss / d term and d loss / d entropy, [N]
     (objectives.loss_weights). Returns (surrogate, terms, logp, entropy or None) as `hidden_loss_in_forward`."""
-    sweep = _sweep(targets, valid, temperature=float(temperature), return_entropy=bool(return_entropy), terms=terms)
+    sweep = _sweep(targets, valid, temperature=_temperature(temperature), return_entropy=bool(return_entropy), terms=terms,
+                   transform=transform, batch_invariant=bool(batch_invariant))
     surrogate, entropy, logp, term = _apply(LogitsGradientInForwardFunction, logits, sweep, per_token(w_term),
                                             per_token(w_entropy))
     return surrogate, term, logp, entropy

@@ -5,7 +5,8 @@ torch.compile keeps them out of the graph as opaque calls: the token loops, the 
 `chunked_logprob` is the chunked torch sweep (`softpo.chunked`): the single-process torch path always runs
 through it, so every test of that path tests it. `triton_logprob` is the Triton sweep (`softpo.tiles`,
 `softpo.kernels`), taken by compiled calls; eager calls keep the autograd Functions of `softpo.fused`.
-Each forward op returns (logp [N], entropy [N] or [0], lse [N]) and has a backward op returning
+Each forward op returns (logp [N], entropy [N] or [0], lse [2, N]: the log-sum-exp and its rounding error,
+which the backward needs for log-probs as precise as log_softmax at large logit offsets) and has a backward op returning
 (d logits, empty) or (d hidden or empty, d weight or empty) in the inputs' dtypes.
 """
 
@@ -31,10 +32,10 @@ def chunked_logprob(
     x = logits if logits is not None else hidden
     acc = accumulation_dtype(x.dtype)
     if logits is not None:
-        V, tiles_for = logits.shape[1], chunked._logits_tiles(logits, acc, temperature)
+        V, tiles_for = logits.shape[1], chunked._logits_tiles(logits, acc, 1.0 / temperature)
     else:
-        V, tiles_for = weight.shape[0], chunked._hidden_tiles(hidden, weight, acc, temperature)
-    logp, entropy, lse = chunked._forward_sweep(valid_rows_, targets, V, x.shape[0], acc, args, tiles_for)
+        V, tiles_for = weight.shape[0], chunked._hidden_tiles(hidden, weight, acc, 1.0 / temperature)
+    logp, entropy, lse, _ = chunked._forward_sweep(valid_rows_, targets, V, x.shape[0], acc, args, tiles_for)
     return logp, lse.new_empty(0) if entropy is None else entropy, lse
 
 
@@ -71,13 +72,16 @@ def triton_logprob(
 def _triton_logprob(targets, row_idx, n_valid, hidden, weight, logits, temperature, return_entropy):
     tiles, logits_sweep = _triton_sweep()
     if logits is not None:
-        logp, lse, entropy, _, _ = logits_sweep.logits_logprob_fwd(
+        lse = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device)
+        logp, lse[0], entropy, _, _ = logits_sweep.logits_logprob_fwd(
             logits, targets, temperature=temperature, row_idx=row_idx, n_valid=n_valid, return_entropy=return_entropy,
+            lse_low=lse[1],
         )
     else:
         sweep = Sweep(targets=targets, row_idx=row_idx, n_valid=n_valid, temperature=temperature,
                       return_entropy=return_entropy)
-        _, (logp, lse, entropy, _, _) = tiles.hidden_forward(hidden, weight, sweep)
+        _, (logp, lse, entropy, _, _), sampler = tiles.hidden_forward(hidden, weight, sweep)
+        lse = torch.stack([lse, sampler.lse_low])
     return logp, lse.new_empty(0) if entropy is None else entropy, lse
 
 
@@ -98,11 +102,14 @@ def _triton_logprob_backward(targets, row_idx, n_valid, hidden, weight, logits, 
                              need_hidden, need_weight, temperature, flat_memory):
     tiles, logits_sweep = _triton_sweep()
     if logits is not None:
-        d_logits = logits_sweep.logits_logprob_bwd(logits, targets, lse, g_logp, entropy=entropy, g_entropy=g_entropy,
-                                                   temperature=temperature, row_idx=row_idx, n_valid=n_valid)
+        d_logits = logits_sweep.logits_logprob_bwd(logits, targets, lse[0], g_logp, entropy=entropy, g_entropy=g_entropy,
+                                                   temperature=temperature, row_idx=row_idx, n_valid=n_valid,
+                                                   lse_low=lse[1])
         return d_logits, lse.new_empty(0)
-    d_hidden, d_weight = tiles.hidden_backward(hidden, weight, targets, valid_rows(row_idx, n_valid), lse, entropy,
-                                               g_logp, g_entropy, temperature, need_hidden, need_weight, flat_memory)
+    sampler = tiles.TileSampler(temperature=temperature, lse_low=lse[1])
+    d_hidden, d_weight = tiles.hidden_backward(hidden, weight, targets, valid_rows(row_idx, n_valid), lse[0],
+                                               entropy, g_logp, g_entropy, sampler, need_hidden, need_weight,
+                                               flat_memory)
     return _gradients(hidden, weight, d_hidden, d_weight)
 
 
@@ -125,7 +132,7 @@ def _fake_forward(targets, valid, hidden, weight, logits, temperature, return_en
     # The chunked op keeps float64 for float64 inputs; the Triton one is fp32 throughout.
     dtype = accumulation_dtype((logits if logits is not None else hidden).dtype)
     return (targets.new_empty(N, dtype=dtype), targets.new_empty(N if return_entropy else 0, dtype=dtype),
-            targets.new_empty(N, dtype=dtype))
+            targets.new_empty(2, N, dtype=dtype))
 
 
 def _fake_backward(d_logits_like):
@@ -157,7 +164,7 @@ def _autograd(backward_op):
         grads = [None] * len(ctx.needs_input_grad)
         if not (need_hidden or need_weight or need_logits):
             return tuple(grads)
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
+        g_logp = torch.zeros_like(lse[0]) if g_logp is None else g_logp.to(lse.dtype).contiguous()
         # An entropy that was not computed, or not used, sends no gradient.
         g_entropy = g_entropy.to(lse.dtype).contiguous() if entropy.numel() and g_entropy is not None else None
         first, second = backward_op(targets, valid, hidden, weight, logits, lse, entropy, g_logp, g_entropy,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import SamplerTransform
+
 # What both sweeps take (fp8 and other float types have no kernel path).
 SWEEP_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -25,15 +27,26 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class SweepArgs:
     """The settings of a sweep besides its tensors.
 
+    temperature: a float, or fp32 [N] (one per token); transform: the sampler's other settings
+    (`softpo.sampling.SamplerTransform`: scale, softcap, truncation); batch_invariant: each row's results
+    computed in shapes that do not depend on the other rows (`invariant_rows`).
     shard: this rank's place in a vocab-parallel lm_head (`softpo.vocab_parallel.VocabShard`; targets are
     then ids local to the shard); flat_memory: the hidden path's backward in two passes (token-major
     d hidden, vocabulary-major d weight), no V x H fp32 accumulator.
     """
 
-    temperature: float
+    temperature: float | torch.Tensor
     return_entropy: bool
     shard: object = None
     flat_memory: bool = False
+    transform: SamplerTransform = SamplerTransform()
+    batch_invariant: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """The sweep of logits / a scalar temperature, no transform or truncation, in shapes of its choosing."""
+        return (self.transform == SamplerTransform() and not isinstance(self.temperature, torch.Tensor)
+                and not self.batch_invariant)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +65,22 @@ class Sweep(SweepArgs):
     valid_count: int | None = None
     inplace_backward: bool = False
     terms: object = None
+
+
+def invariant_rows(device: torch.device) -> int:
+    """Rows per matmul (and per threshold search) under batch_invariant: a fixed shape, padded, whatever N is,
+    so that the library picks the same reduction order for every row. On CPU one row: BLAS kernels may treat
+    a row differently by its position in the block."""
+    return 64 if device.type == "cuda" else 1
+
+
+def lse_rounding(m: torch.Tensor, log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, lo): lse = fl(m + log s) and its rounding error (two-sum), so that a later sweep forms
+    (z - lse) - lo = (z - m) - log s as precisely as log_softmax does, at any logit offset."""
+    lse = m + log_s
+    b = lse - m
+    lo = (m - (lse - b)) + (log_s - b)
+    return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
 
 
 def per_token(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .sweep import lse_rounding
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -156,12 +158,17 @@ def _starts(table) -> tuple[list[int], int]:
     return starts, vocab
 
 
-def combine(shard: VocabShard, logp, lse, entropy, local_targets, valid_rows):
+def combine(shard: VocabShard, logp, lse, entropy, local_targets, valid_rows, lse_low=None):
     """Per-token results of this rank's shard -> those of the whole vocabulary, on every rank.
 
-    logp, lse, entropy (or None): [N] in the accumulation dtype, as a local sweep returns them for
-    `local_targets` (global ids minus this shard's start). Rows outside `valid_rows` (an index, or None
-    for all) come back as zeros. Two collectives: the max of lse, then one packed sum.
+    logp, lse, entropy (or None), lse_low (lse's rounding error, or None for 0): [N] in the accumulation dtype,
+    as a local sweep returns them for `local_targets` (global ids minus this shard's start). Rows outside
+    `valid_rows` (an index, or None for all) come back as zeros. Returns (logp, lse, entropy, lse_low) of the
+    whole vocabulary. Two collectives: the max of lse, then one packed sum.
+
+    Every quantity is kept relative to the largest shard's lse, with the shards' rounding errors: the owner's
+    log-prob becomes logp_r - log(sum_r' exp(lse_r' - lse_r)), never (logp_r + lse_r) - lse, which would round
+    to the ulp of lse at large logit offsets.
     """
     rows = slice(None) if valid_rows is None else valid_rows
     lse_r = lse[rows]
@@ -169,31 +176,68 @@ def combine(shard: VocabShard, logp, lse, entropy, local_targets, valid_rows):
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=shard.group)
     # A row every shard sees as all -inf keeps a finite reference, so no inf - inf appears.
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    weight = torch.exp(lse_r - peak)
+    # This shard's lse relative to the peak, with its rounding error: exact differences of nearby values.
+    offset = lse_r - peak
+    if lse_low is not None:
+        offset = offset + torch.where(torch.isfinite(lse_r), lse_low[rows], torch.zeros_like(offset))
+    weight = torch.exp(offset)
     present = weight > 0
     owned = shard.owned(local_targets[rows])
-    # The owner's target logit, relative to nothing: logp + lse undoes the local normalization. A shard
-    # whose logits are all -inf has lse = -inf, and then its target logit is -inf too.
-    target_logit = torch.where(lse_r == float("-inf"), lse_r, logp[rows] + lse_r)
-    parts = [weight, torch.where(owned, target_logit, torch.zeros_like(target_logit))]
+    # The owner's target relative to the peak; a shard whose logits are all -inf has lse = -inf, and then its
+    # target logit is -inf too.
+    target = torch.where(lse_r == float("-inf"), lse_r, logp[rows] + offset)
+    parts = [weight, torch.where(owned, target, torch.zeros_like(target))]
     if entropy is not None:
         zero = torch.zeros_like(weight)
-        parts += [torch.where(present, weight * entropy[rows], zero),
-                  torch.where(present, weight * (lse_r - peak), zero)]
+        parts += [torch.where(present, weight * entropy[rows], zero), torch.where(present, weight * offset, zero)]
     packed = torch.stack(parts)
     dist.all_reduce(packed, group=shard.group)
     total = packed[0]
     log_total = torch.log(total)
-    lse_out = torch.zeros_like(lse)
-    lse_out[rows] = peak + log_total
+    lse_hi, lse_lo = lse_rounding(peak, log_total)
+    lse_out, lse_low_out = torch.zeros_like(lse), torch.zeros_like(lse)
+    lse_out[rows], lse_low_out[rows] = lse_hi, lse_lo
     logp_out = torch.zeros_like(logp)
-    logp_out[rows] = packed[1] - lse_out[rows]
+    logp_out[rows] = packed[1] - log_total
     entropy_out = None
     if entropy is not None:
         # H = sum_r w_r (H_r - log w_r), w_r = exp(lse_r - peak) / total.
         entropy_out = torch.zeros_like(entropy)
         entropy_out[rows] = log_total + (packed[2] - packed[3]) / total
-    return logp_out, lse_out, entropy_out
+    return logp_out, lse_out, entropy_out, lse_low_out
+
+
+def find_thresholds(shard: VocabShard, transform, n: int, chunks_for, like: torch.Tensor):
+    """The sampler's truncation thresholds [n] of n rows whose columns are spread over the group's shards.
+
+    chunks_for(rows) yields this shard's processed logits of those rows (all when None), chunk by chunk. Each
+    rank searches its own columns (`softpo.sampling.ThresholdSearch`), one all-gather merges the candidates
+    (and, for top-p alone, the shards' log-sum-exps), and rows whose nucleus lies past the candidates are
+    gathered whole (just those rows) and sorted. Every rank calls this alike and gets the same thresholds.
+    """
+    from .sampling import ThresholdSearch
+
+    search = ThresholdSearch(transform, n, shard.vocab, like)
+    for z in chunks_for(None):
+        search.update(z)
+    state = search.candidates if search.lse is None else torch.cat([search.candidates, search.lse[:, None]], 1)
+    gathered = [torch.empty_like(state) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(gathered, state.contiguous(), group=shard.group)
+    C = search.C
+    search.merge([g[:, :C] for g in gathered], None if search.lse is None else [g[:, C] for g in gathered])
+    threshold, unresolved = search.finish()
+    if unresolved.numel():
+        whole = torch.cat([z.to(like.dtype) for z in chunks_for(unresolved)], 1)
+        # Shards differ in size: pad to the largest with -inf, which no threshold keeps.
+        width = torch.tensor([whole.shape[1]], device=whole.device)
+        widths = [torch.empty_like(width) for _ in gathered]
+        dist.all_gather(widths, width, group=shard.group)
+        widest = max(int(w) for w in widths)
+        padded = torch.cat([whole, whole.new_full((whole.shape[0], widest - whole.shape[1]), float("-inf"))], 1)
+        parts = [torch.empty_like(padded) for _ in gathered]
+        dist.all_gather(parts, padded, group=shard.group)
+        threshold[unresolved] = search.resolve(torch.cat(parts, 1))
+    return threshold
 
 
 def reduce_hidden_grad(shard: VocabShard, d_hidden: torch.Tensor) -> torch.Tensor:
