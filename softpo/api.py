@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import checks, objectives, routes
+from . import checks, objectives, routes, sampling
 from .config import LossConfig
 
 class LazyMetrics(Mapping):
@@ -77,7 +77,13 @@ def token_logprobs(
     hidden: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    batch_invariant: bool = False,
     return_entropy: bool = False,
     impl: str = "auto",
     inplace_backward: bool = False,
@@ -93,8 +99,17 @@ def token_logprobs(
             (already aligned: nothing is shifted here).
         hidden: [..., H] with weight [V, H] (z = hidden @ weight.T), or
         logits: [..., V], any float dtype and row stride.
-        temperature: z is divided by it, as in sampling.
-        return_entropy: also return the entropy of softmax(z / temperature) per token.
+        temperature: z is divided by it, as in sampling: a float, or a float tensor with one value per
+            sequence ([B] for targets [B, T]) or per token (the targets' shape); finite and > 0.
+        logit_scale, softcap, top_k, top_p, min_p: the rest of the distribution a sampler draws from, in the
+            order of transformers' generate: z = softcap tanh(z logit_scale / softcap) / temperature, then
+            top-k, top-p (keeping at least one token) and min-p; log-probs and entropy are exact over the kept
+            tokens, renormalized. A target outside its row's kept set gets logp -inf and no gradient. None,
+            top_k=0, top_p=1 and min_p=0 keep every token. See docs/algorithms.md.
+        batch_invariant: a row's log-prob, entropy and gradient with respect to its own hidden (or logits)
+            row are bitwise the same whatever other rows share the call, in any order (same device, dtype,
+            impl), at some speed (docs/performance.md).
+        return_entropy: also return the entropy of the sampler's distribution per token.
         impl: "auto" (Triton for CUDA tensors, chunked torch otherwise), "torch" or "triton".
         inplace_backward: logits path on the Triton kernels only: the backward writes d logits over
             the logits' storage, saving one tokens x vocabulary buffer. Refused for leaf logits; any
@@ -117,16 +132,19 @@ def token_logprobs(
         hidden/weight or logits.
     """
 
-    (temperature, path, flat_memory), shard = checks.decide(
+    sampler = dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
+    (temperature, path, flat_memory, transform), shard = checks.decide(
         lambda: checks.validate_logprob_inputs(targets, hidden, weight, logits, temperature, memory, impl,
-                                               inplace_backward, check_targets=process_group is None),
+                                               inplace_backward, check_targets=process_group is None,
+                                               sampler=sampler),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, entropy=bool(return_entropy),
     )
     logp, entropy = routes.logprob_sweep(
         path, _local_targets(targets.reshape(-1).long(), shard), hidden=_rows(hidden), weight=weight,
         logits=_rows(logits), temperature=temperature, return_entropy=return_entropy,
-        inplace_backward=inplace_backward, shard=shard, flat_memory=flat_memory,
+        inplace_backward=inplace_backward, shard=shard, flat_memory=flat_memory, transform=transform,
+        batch_invariant=bool(batch_invariant),
     )
     logp = logp.view(targets.shape)
     if return_entropy:
@@ -149,7 +167,13 @@ def policy_loss(
     importance_sampling_ratio: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     q0: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    batch_invariant: bool = False,
     normalizer: torch.Tensor | float | None = None,
     entropy_gather=None,
     impl: str = "auto",
@@ -169,6 +193,10 @@ def policy_loss(
     (SPO); normalizer: the count the loss's sums are divided by ("token-mean": tokens, the "seq-mean-*"
     modes: sequences; e.g. the global count across ranks and accumulation steps), default the local one;
     entropy_gather: see `objectives.high_entropy_mask`.
+    temperature ([B] per sequence, [B, T] per token, or a float), logit_scale, softcap, top_k, top_p, min_p,
+    batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a target outside its
+    row's kept set (logp -inf) is left out of the objective as if masked (policy and KL terms, normalizers),
+    and metrics["outside_support"] gives the fraction of unmasked tokens so treated.
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
     memory: "default" or "flat", as in `token_logprobs`. Where the gradient is formed in the forward (see
@@ -186,6 +214,8 @@ def policy_loss(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
             importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
             check_targets=process_group is None,
+            sampler=dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p),
+            batch_invariant=batch_invariant,
         ),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
@@ -199,8 +229,10 @@ def policy_loss(
     terms = None if terms is None else terms.view(B, T)
     logp = logp.view(B, T)
     entropy = None if entropy is None else entropy.view(B, T)
+    V = shard.vocab if shard is not None else weight.shape[0] if hidden is not None else logits.shape[-1]
+    mask, objective_logp, outside = _sampler_support(inputs, logp, V)
     loss, pieces = objectives.objective_loss(
-        config, logp, inputs.mask, inputs.advantages,
+        config, objective_logp, mask, inputs.advantages,
         old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
         rewards=inputs.rewards, q0=inputs.q0, entropy=entropy, normalizer=normalizer, terms=terms,
         importance_sampling_ratio=inputs.importance_sampling_ratio, entropy_gather=entropy_gather,
@@ -209,6 +241,8 @@ def policy_loss(
         # The value is the objective's own; the gradient is the one the fused sweep formed.
         loss = loss.detach() + (surrogate - surrogate.detach())
     metrics = functools.partial(objectives.objective_metrics, config, pieces)
+    if outside is not None:
+        metrics = functools.partial(_with_outside_support, metrics, outside, inputs.mask)
     return PolicyLossOutput(
         loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(),
         # A compiled step returns plain tensors; an eager call leaves the metrics' kernels for their first read.
@@ -216,15 +250,39 @@ def policy_loss(
     )
 
 
+def _sampler_support(inputs, logp, V):
+    """(mask, logp for the objective, outside or None): with truncation, the tokens whose target lies outside
+    the sampler's kept set (logp -inf) leave the mask, and their logp a finite stand-in (old_logp, else 0) so
+    that no inf reaches the objective's math; no gradient reaches them (the stand-in is a constant)."""
+    if not inputs.transform.truncates(V):
+        return inputs.mask, logp, None
+    outside = inputs.mask & (logp == float("-inf"))
+    stand_in = inputs.old_logp if inputs.old_logp is not None else torch.zeros_like(logp)
+    return inputs.mask & ~outside, torch.where(outside, stand_in.to(logp.dtype), logp), outside
+
+
+def _with_outside_support(metrics, outside, mask):
+    values = metrics()
+    values["outside_support"] = (outside.sum() / mask.sum().clamp(min=1)).float().detach()
+    return values
+
+
 class PolicyLoss(nn.Module):
     """`policy_loss` with its config (and impl) stored: `PolicyLoss(softpo.SAPO)(targets, mask, adv, hidden=h, weight=w)`.
 
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `policy_loss`.
+    logit_scale, softcap, top_k, top_p, min_p, batch_invariant: the sampler's settings, as in `policy_loss`
+    (temperature, which may vary per call and per sequence, is passed to the call).
     """
 
     def __init__(self, config: LossConfig, impl: str = "auto", *, process_group=None, vocab_start: int | None = None,
-                 reduce_hidden_grad: bool = True, memory: str = "default"):
+                 reduce_hidden_grad: bool = True, memory: str = "default", logit_scale: float = 1.0,
+                 softcap: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, batch_invariant: bool = False):
         super().__init__()
+        self.sampler = dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
+        sampling.check_sampling_args(**self.sampler)
+        self.sampler["batch_invariant"] = batch_invariant
         checks.check_config(config)
         if impl not in checks.IMPLS:
             raise ValueError(f"impl must be one of {checks.IMPLS}, got {impl!r}")
@@ -237,6 +295,8 @@ class PolicyLoss(nn.Module):
     def forward(self, targets, mask, advantages=None, **kwargs) -> PolicyLossOutput:
         kwargs.setdefault("impl", self.impl)
         kwargs.setdefault("memory", self.memory)
+        for name, value in self.sampler.items():
+            kwargs.setdefault(name, value)
         return policy_loss(self.config, targets, mask, advantages, **self.shard, **kwargs)
 
     def extra_repr(self) -> str:
@@ -246,13 +306,20 @@ class PolicyLoss(nn.Module):
 class TokenLogprobs(nn.Module):
     """`token_logprobs` with temperature, entropy flag, impl and (for a vocab-parallel lm_head) the group stored."""
 
-    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto", *,
+    def __init__(self, temperature: float | torch.Tensor = 1.0, return_entropy: bool = False, impl: str = "auto", *,
                  process_group=None, vocab_start: int | None = None, reduce_hidden_grad: bool = True,
-                 memory: str = "default"):
+                 memory: str = "default", logit_scale: float = 1.0, softcap: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 batch_invariant: bool = False):
         super().__init__()
         checks.check_memory(memory)
         self.memory = memory
-        self.temperature = checks.check_temperature(temperature)
+        # A tensor's shape and values are checked at the call, against the targets.
+        self.temperature = temperature if isinstance(temperature, torch.Tensor) else checks.check_temperature(
+            temperature)
+        self.sampler = dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
+        sampling.check_sampling_args(**self.sampler)
+        self.sampler["batch_invariant"] = batch_invariant
         self.return_entropy = return_entropy
         self.impl = impl
         self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
@@ -261,5 +328,5 @@ class TokenLogprobs(nn.Module):
         return token_logprobs(
             targets, hidden=hidden, weight=weight, logits=logits,
             temperature=self.temperature, return_entropy=self.return_entropy, impl=self.impl, memory=self.memory,
-            **self.shard,
+            **self.sampler, **self.shard,
         )

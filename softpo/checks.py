@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import objectives, vocab_parallel
+from . import objectives, sampling, vocab_parallel
 from .config import LossConfig
 from .sweep import SWEEP_DTYPES, accumulation_dtype
 
@@ -41,6 +41,36 @@ def check_temperature(temperature) -> float:
             or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
+
+
+def check_sampler(checks, targets, temperature, sampler: dict, where=None, dtype=torch.float32):
+    """The sampler's distribution: (temperature, transform). temperature: a float, or a float tensor with one
+    value per sequence ([B] for targets [B, T]) or per token (the targets' shape), returned per flat token in
+    `dtype` (the sweep's accumulation dtype); its values are checked (where `where`, the unmasked tokens) in the caller's host sync. sampler:
+    logit_scale, softcap, top_k, top_p, min_p (`softpo.sampling.check_sampling_args`)."""
+    transform = sampling.check_sampling_args(**sampler)
+    if not isinstance(temperature, torch.Tensor):
+        return check_temperature(temperature), transform
+    shape = tuple(targets.shape)
+    if not temperature.dtype.is_floating_point:
+        raise ValueError(f"temperature must be a float or a float tensor, got {temperature.dtype}")
+    if temperature.device != targets.device:
+        raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
+    if temperature.dim() == 0 or tuple(temperature.shape) == shape:
+        per_token = temperature.expand(shape)
+    elif len(shape) == 2 and tuple(temperature.shape) == shape[:1]:
+        per_token = temperature[:, None].expand(shape)
+    else:
+        raise ValueError(f"temperature must be a float, or a tensor of shape {shape[:1]} (per sequence) or {shape} "
+                         f"(per token), got {tuple(temperature.shape)}")
+    per_token = per_token.detach().to(dtype)
+    good = torch.isfinite(per_token) & (per_token > 0)
+    if where is not None:
+        good |= ~where
+        # Padded positions may hold anything (0 included); they reach no kernel as a divisor.
+        per_token = torch.where(where, per_token, torch.ones_like(per_token))
+    checks.add("temperature must be finite and > 0 at every token", ~good.all())
+    return per_token.reshape(-1).contiguous(), transform
 
 
 def check_config(config) -> None:
@@ -205,10 +235,12 @@ class LossInputs:
     importance_sampling_ratio: torch.Tensor | None
     rewards: torch.Tensor | None
     q0: torch.Tensor | None
-    temperature: float
+    temperature: float | torch.Tensor
     path: str
     flat_memory: bool
     valid_counts: list[int] | None
+    transform: sampling.SamplerTransform = sampling.SamplerTransform()
+    batch_invariant: bool = False
 
     @property
     def valid_count(self) -> int | None:
@@ -222,13 +254,12 @@ class LossInputs:
 
 def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
                          rollout_logp, importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
-                         check_targets) -> LossInputs:
+                         check_targets, sampler=None, batch_invariant=False) -> LossInputs:
     """Every check of policy_loss's inputs; value checks and the valid-token counts read in one host sync."""
     check_config(config)
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise ValueError(f"targets must be a [B, T] integer tensor, got {getattr(targets, 'shape', type(targets))}")
     V = check_sweep_inputs(targets, hidden, weight, logits)
-    temperature = check_temperature(temperature)
     flat_memory = check_memory(memory)
     B, T = targets.shape
     device = targets.device
@@ -242,6 +273,8 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
         mask = mask != 0
     if check_targets:
         check_target_range(checks, targets, V, where=mask)
+    temperature, transform = check_sampler(checks, targets, temperature, sampler or {}, where=mask,
+                                           dtype=accumulation_dtype((logits if logits is not None else hidden).dtype))
     path = resolve_impl(impl, device, (logits if logits is not None else hidden).dtype)
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
@@ -287,23 +320,26 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
         importance_sampling_ratio = objectives.sampler_weights(config, old_logp, mask, rollout_logp,
                                                                importance_sampling_ratio)
     return LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, importance_sampling_ratio, rewards, q0,
-                      temperature, path, flat_memory, valid_counts)
+                      temperature, path, flat_memory, valid_counts, transform, bool(batch_invariant))
 
 
 def validate_logprob_inputs(targets, hidden, weight, logits, temperature, memory, impl, inplace_backward,
-                            check_targets):
-    """Every check of token_logprobs' inputs: (temperature, path, flat memory)."""
+                            check_targets, sampler=None):
+    """Every check of token_logprobs' inputs: (temperature, path, flat memory, transform); value checks in one
+    host sync."""
     V = check_sweep_inputs(targets, hidden, weight, logits)
-    temperature = check_temperature(temperature)
     flat_memory = check_memory(memory)
+    checks = DeferredChecks()
+    temperature, transform = check_sampler(checks, targets, temperature, sampler or {},
+                                           dtype=accumulation_dtype((logits if logits is not None else hidden).dtype))
     if check_targets:
-        checks = DeferredChecks()
         check_target_range(checks, targets, V)
+    if checks.failed:
         checks.run()
     path = resolve_impl(impl, targets.device, (logits if logits is not None else hidden).dtype)
     if inplace_backward:
         check_inplace(logits, path)
-    return temperature, path, flat_memory
+    return temperature, path, flat_memory, transform
 
 
 def decide(validate, process_group, *, vocab_start, reduce_hidden_grad, targets, hidden, weight, logits,

@@ -16,6 +16,8 @@
   sequences form them in the forward too. Not with a top-entropy quantile, whose threshold couples every
   token of the batch, nor when one sequence alone exceeds a tile: those take "plain".
 A token-level objective with rollout_logp but no old_logp takes "plain": its sampler weight needs logp.
+So does every objective when the sampler truncates (top_k, top_p, min_p): a target outside its row's kept set
+leaves the objective as if masked, which changes the normalizers, and is known only once the sweep has run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from . import chunked, objectives, ops
 from .checks import LossInputs
 from .rows import take
+from .sampling import SamplerTransform
 from .sweep import accumulation_dtype
 
 PLAIN, TERMS, GRADIENT, SEQUENCE_GRADIENT = "plain", "terms", "gradient", "sequence-gradient"
@@ -43,6 +46,8 @@ def choose(config, inputs: LossInputs, hidden, weight, logits, shard):
     """(route, sequence tiles or None): the route that computes the loss, as the module docstring lists."""
     if inputs.path != "triton" or torch.compiler.is_compiling() or shard is not None:
         return PLAIN, None
+    if inputs.transform.truncates(logits.shape[-1] if hidden is None else weight.shape[0]):
+        return PLAIN, None
     differentiable = (logits,) if hidden is None else (hidden, weight)
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     if config.per_token_terms:
@@ -59,12 +64,16 @@ def choose(config, inputs: LossInputs, hidden, weight, logits, shard):
 
 
 def logprob_sweep(path, targets, *, hidden, weight, logits, temperature, return_entropy, valid=None,
-                  valid_count=None, inplace_backward=False, shard=None, flat_memory=False):
+                  valid_count=None, inplace_backward=False, shard=None, flat_memory=False,
+                  transform=SamplerTransform(), batch_invariant=False):
     """The plain route: (logp [N], entropy [N] or None) from flat inputs on the chosen path.
 
     The single-process torch path and compiled Triton calls run the custom ops of `softpo.ops`; a
-    vocabulary shard (a process group is no op argument) and eager Triton calls the autograd Functions."""
-    if path == "torch" and shard is None:
+    vocabulary shard (a process group is no op argument), eager Triton calls and the sampler's options (a
+    temperature tensor, a transform, batch invariance) the autograd Functions."""
+    sampler = dict(transform=transform, batch_invariant=batch_invariant)
+    plain = transform == SamplerTransform() and not isinstance(temperature, torch.Tensor) and not batch_invariant
+    if path == "torch" and shard is None and plain:
         valid = torch.ones(targets.shape, dtype=torch.bool, device=targets.device) if valid is None else valid
         logp, entropy, _ = ops.chunked_logprob(targets, valid, hidden, weight, logits, temperature, return_entropy,
                                                chunked.TOKEN_CHUNK, chunked.VOCAB_CHUNK, flat_memory)
@@ -72,14 +81,15 @@ def logprob_sweep(path, targets, *, hidden, weight, logits, temperature, return_
     if path == "torch":
         return chunked.chunked_token_logprobs(targets, hidden=hidden, weight=weight, logits=logits,
                                               temperature=temperature, return_entropy=return_entropy, valid=valid,
-                                              shard=shard, flat_memory=flat_memory)
-    if torch.compiler.is_compiling() and shard is None and not inplace_backward:
+                                              shard=shard, flat_memory=flat_memory, **sampler)
+    if torch.compiler.is_compiling() and shard is None and not inplace_backward and plain:
         logp, entropy, _ = ops.triton_logprob(targets.contiguous(), valid, hidden, weight, logits, temperature,
                                               return_entropy, flat_memory)
         return logp, entropy if return_entropy else None
     return _triton()[0].triton_token_logprobs(
         targets, hidden=hidden, weight=weight, logits=logits, temperature=temperature, return_entropy=return_entropy,
         valid=valid, valid_count=valid_count, inplace_backward=inplace_backward, shard=shard, flat_memory=flat_memory,
+        **sampler,
     )
 
 
@@ -92,7 +102,8 @@ def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logit
     """
     need_entropy = config.needs_entropy
     valid = None if inputs.every_token_valid else inputs.mask.reshape(-1)
-    sweep = dict(hidden=hidden, weight=weight, temperature=inputs.temperature)
+    sweep = dict(hidden=hidden, weight=weight, temperature=inputs.temperature, transform=inputs.transform,
+                 batch_invariant=inputs.batch_invariant)
     if route == PLAIN:
         logp, entropy = logprob_sweep(inputs.path, targets, logits=logits, return_entropy=need_entropy, valid=valid,
                                       valid_count=inputs.valid_count, shard=shard, flat_memory=inputs.flat_memory,
@@ -117,7 +128,8 @@ def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logit
     terms = fused.terms_args(config, **per_token)
     if logits is not None:
         return fused.logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, logits=logits,
-                                            temperature=inputs.temperature, return_entropy=need_entropy)
+                                            temperature=inputs.temperature, return_entropy=need_entropy,
+                                            transform=inputs.transform, batch_invariant=inputs.batch_invariant)
 
     def tile_gradients(idx, outputs):
         # The term's gradient is its weight times d term / d logp, which the epilogue just wrote (coef).

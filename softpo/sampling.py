@@ -111,19 +111,22 @@ def check_temperature(temperature, targets_shape):
 
 def inverse_temperature(temperature, rows: torch.Tensor | None = None, like: torch.Tensor | None = None):
     """1 / temperature as the kernels form it: a float for a float; for a per-token tensor, its flat values
-    at `rows` (all when None), inverted in fp32."""
+    at `rows` (all when None), inverted in fp32 (float64 for a float64 tensor: the chunked path's references)."""
     if not isinstance(temperature, torch.Tensor):
         return 1.0 / temperature
     flat = temperature.reshape(-1)
-    inv = 1.0 / (flat if rows is None else flat[rows]).float()
+    picked = flat if rows is None else flat[rows]
+    inv = 1.0 / picked.to(torch.float64 if picked.dtype == torch.float64 else torch.float32)
     return inv if like is None else inv.to(like.device)
 
 
 def _factor(z: torch.Tensor, transform: SamplerTransform, inv_temperature):
-    """The rows' multiplier after the softcap, broadcastable to z [n, v], in fp32 as the kernels form it."""
-    inv = torch.as_tensor(inv_temperature, dtype=torch.float32, device=z.device)
+    """The rows' multiplier after the softcap, broadcastable to z [n, v], in fp32 as the kernels form it (float64
+    for float64 z: the chunked path's references keep their precision)."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    inv = torch.as_tensor(inv_temperature, dtype=dtype, device=z.device)
     if transform.softcap is None:
-        inv = inv * torch.tensor(transform.logit_scale, dtype=torch.float32)
+        inv = inv * torch.tensor(transform.logit_scale, dtype=dtype)
     inv = inv.to(z.dtype)
     return inv[:, None] if inv.dim() == 1 else inv
 

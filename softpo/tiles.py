@@ -76,8 +76,10 @@ class TileSampler:
     def kernel_kwargs(self, idx, lse_low=True) -> dict:
         """The logits launchers' transform keywords for the tokens `idx` of a tile."""
         temperature = take(self.temperature, idx) if isinstance(self.temperature, torch.Tensor) else self.temperature
-        return dict(temperature=temperature, threshold=take(self.threshold, idx),
-                    lse_low=take(self.lse_low, idx) if lse_low else None, **self.transform.kernel_kwargs())
+        kwargs = dict(temperature=temperature, threshold=take(self.threshold, idx), **self.transform.kernel_kwargs())
+        if lse_low:
+            kwargs["lse_low"] = take(self.lse_low, idx)
+        return kwargs
 
 
 def _as_sampler(sampler) -> TileSampler:
