@@ -2,8 +2,9 @@
 
     python bench/bench_sampling.py [--impl torch] [--N 512 --H 256 --V 8192] [--out bench/results/FILE.json]
 
-Each option runs in a fresh process (so that its peak resident memory is its own): median wall time of the
-forward and backward over a few repeats, and the process's peak RSS, next to the plain call's. On CPU this
+Wall time of the forward and backward (median and fastest of a few rounds, the options interleaved round by
+round), and, each option in a fresh process, the growth of the process's peak RSS over two calls (the call's
+peak extra memory), next to the plain call's. On CPU this
 measures the chunked torch path (or the Triton interpreter, which says nothing about GPU cost): the
 threshold search's extra read and the per-row sweeps of batch_invariant show up as on a GPU, their ratios do not.
 """
@@ -34,7 +35,8 @@ OPTIONS = {
 }
 
 
-def run_one(option: str, impl: str, N: int, H: int, V: int, repeats: int) -> dict:
+def make_call(option: str, impl: str, N: int, H: int, V: int):
+    """A function running one forward + backward of `option`."""
     import softpo
 
     g = torch.Generator().manual_seed(0)
@@ -45,16 +47,37 @@ def run_one(option: str, impl: str, N: int, H: int, V: int, repeats: int) -> dic
     settings = dict(OPTIONS[option])
     if settings.get("temperature") == "per-sequence":
         settings["temperature"] = 0.7 + 0.6 * torch.rand(B, generator=g)
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
+
+    def call():
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        start = time.perf_counter()
         logp = softpo.token_logprobs(targets, hidden=h, weight=w, impl=impl, **settings)
         logp.masked_fill(logp == float("-inf"), 0.0).sum().backward()
-        times.append(time.perf_counter() - start)
-    # Linux reports ru_maxrss in KiB.
-    return {"median_s": statistics.median(times[1:]), "times_s": times[1:],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    return call
+
+
+def peak_memory(option: str, impl: str, N: int, H: int, V: int) -> dict:
+    """The growth of this (fresh) process's peak RSS over two calls: the call's peak extra memory."""
+    call = make_call(option, impl, N, H, V)
+    # Linux reports ru_maxrss in KiB; the peak before the first call leaves out the interpreter, torch and inputs.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    call()
+    return {"call_peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+
+
+def timings(impl: str, N: int, H: int, V: int, rounds: int) -> dict:
+    """Each option's times, the options interleaved round by round so that a busy neighbour slows them all."""
+    calls = {option: make_call(option, impl, N, H, V) for option in OPTIONS}
+    for call in calls.values():
+        call()  # warm-up
+    times = {option: [] for option in OPTIONS}
+    for _ in range(rounds):
+        for option, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[option].append(time.perf_counter() - start)
+    return times
 
 
 def main():
@@ -63,25 +86,25 @@ def main():
     parser.add_argument("--N", type=int, default=512)
     parser.add_argument("--H", type=int, default=256)
     parser.add_argument("--V", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.impl, args.N, args.H, args.V, args.repeats)))
+        print(json.dumps(peak_memory(args.child, args.impl, args.N, args.H, args.V)))
         return
     results = {}
     for option in OPTIONS:
         command = [sys.executable, __file__, "--child", option, "--impl", args.impl, "--N", str(args.N),
-                   "--H", str(args.H), "--V", str(args.V), "--repeats", str(args.repeats)]
+                   "--H", str(args.H), "--V", str(args.V)]
         done = subprocess.run(command, check=True, capture_output=True, text=True)
         results[option] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(option, f"{results[option]['median_s'] * 1e3:.1f} ms", f"{results[option]['peak_rss_mib']:.0f} MiB",
-              flush=True)
+    for option, times in timings(args.impl, args.N, args.H, args.V, args.rounds).items():
+        results[option].update(median_s=statistics.median(times), min_s=min(times), times_s=times)
     plain = results["plain"]
     for value in results.values():
         value["time_vs_plain"] = value["median_s"] / plain["median_s"]
-        value["peak_rss_vs_plain_mib"] = value["peak_rss_mib"] - plain["peak_rss_mib"]
+        value["call_peak_rss_vs_plain"] = value["call_peak_rss_mib"] / max(plain["call_peak_rss_mib"], 1e-9)
     record = {
         "what": "token_logprobs forward + backward, hidden path, each sampler option against the plain call",
         "command": " ".join(["python", "bench/bench_sampling.py"] + sys.argv[1:]),
@@ -91,14 +114,15 @@ def main():
                 "searches thresholds on the tile it holds, with no extra matmul)",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.date.today().isoformat(),
-        "shapes": {"N": args.N, "H": args.H, "V": args.V, "dtype": "float32", "repeats": args.repeats},
+        "shapes": {"N": args.N, "H": args.H, "V": args.V, "dtype": "float32", "rounds": args.rounds},
         "results": results,
     }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
-    print(json.dumps({k: (v["time_vs_plain"], v["peak_rss_vs_plain_mib"]) for k, v in results.items()}, indent=1))
+    for name, value in results.items():
+        print(f"{name:26s} time x{value['time_vs_plain']:.2f}  peak memory x{value['call_peak_rss_vs_plain']:.2f}")
 
 
 if __name__ == "__main__":

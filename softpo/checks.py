@@ -46,8 +46,9 @@ def check_temperature(temperature) -> float:
 def check_sampler(checks, targets, temperature, sampler: dict, where=None, dtype=torch.float32):
     """The sampler's distribution: (temperature, transform). temperature: a float, or a float tensor with one
     value per sequence ([B] for targets [B, T]) or per token (the targets' shape), returned per flat token in
-    `dtype` (the sweep's accumulation dtype); its values are checked (where `where`, the unmasked tokens) in the caller's host sync. sampler:
-    logit_scale, softcap, top_k, top_p, min_p (`softpo.sampling.check_sampling_args`)."""
+    `dtype` (the sweep's accumulation dtype); its values are checked (where `where`, the unmasked tokens) in
+    the caller's host sync. sampler: logit_scale, softcap, top_k, top_p, min_p
+    (`softpo.sampling.check_sampling_args`)."""
     transform = sampling.check_sampling_args(**sampler)
     if not isinstance(temperature, torch.Tensor):
         return check_temperature(temperature), transform

@@ -276,9 +276,9 @@ def triton_token_logprobs(
     sampler's distribution (`softpo.sweep.SweepArgs`).
     """
     logp, entropy, _ = _logprob_sweep(
-        targets, valid, hidden, weight, logits, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
-        valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
-        transform=transform, batch_invariant=bool(batch_invariant),
+        targets, valid, hidden, weight, logits, temperature=_temperature(temperature),
+        return_entropy=bool(return_entropy), valid_count=valid_count, inplace_backward=bool(inplace_backward),
+        shard=shard, flat_memory=bool(flat_memory), transform=transform, batch_invariant=bool(batch_invariant),
     )
     return logp, entropy
 
@@ -309,9 +309,10 @@ def triton_fused_token_terms(
     grad_logp = grad_terms * d term / d logp.
     """
     term, entropy, logp = _logprob_sweep(
-        targets, valid, hidden, weight, logits, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
-        valid_count=valid_count, inplace_backward=bool(inplace_backward), shard=shard, flat_memory=bool(flat_memory),
-        terms=terms_args(config, **per_token_inputs), transform=transform, batch_invariant=bool(batch_invariant),
+        targets, valid, hidden, weight, logits, temperature=_temperature(temperature),
+        return_entropy=bool(return_entropy), valid_count=valid_count, inplace_backward=bool(inplace_backward),
+        shard=shard, flat_memory=bool(flat_memory), terms=terms_args(config, **per_token_inputs),
+        transform=transform, batch_invariant=bool(batch_invariant),
     )
     return term, logp, entropy
 
@@ -337,8 +338,9 @@ def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, wei
     logp, entropy or None): a differentiable scalar whose gradient is the loss's gradient with respect to
     hidden and weight, and the per-token values (detached) from which the caller computes the loss's value.
     """
-    sweep = _sweep(targets, valid, valid_count, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
-                   terms=terms, flat_memory=bool(flat_memory), transform=transform,
+    sweep = _sweep(targets, valid, valid_count, temperature=_temperature(temperature),
+                   return_entropy=bool(return_entropy), terms=terms, flat_memory=bool(flat_memory),
+                   transform=transform,
                    batch_invariant=bool(batch_invariant))
     surrogate, entropy, logp, term = _apply(HiddenGradientInForwardFunction, hidden, weight, sweep, tiled,
                                             tile_gradients)
@@ -350,8 +352,8 @@ def logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, *, logits, 
     """A token-level objective on the logits path with d logits written by the forward kernel
     (`LogitsGradientInForwardFunction`). w_term, w_entropy: d loss / d term and d loss / d entropy, [N]
     (objectives.loss_weights). Returns (surrogate, terms, logp, entropy or None) as `hidden_loss_in_forward`."""
-    sweep = _sweep(targets, valid, temperature=_temperature(temperature), return_entropy=bool(return_entropy), terms=terms,
-                   transform=transform, batch_invariant=bool(batch_invariant))
+    sweep = _sweep(targets, valid, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
+                   terms=terms, transform=transform, batch_invariant=bool(batch_invariant))
     surrogate, entropy, logp, term = _apply(LogitsGradientInForwardFunction, logits, sweep, per_token(w_term),
                                             per_token(w_entropy))
     return surrogate, term, logp, entropy

@@ -102,9 +102,9 @@ def _triton_logprob_backward(targets, row_idx, n_valid, hidden, weight, logits, 
                              need_hidden, need_weight, temperature, flat_memory):
     tiles, logits_sweep = _triton_sweep()
     if logits is not None:
-        d_logits = logits_sweep.logits_logprob_bwd(logits, targets, lse[0], g_logp, entropy=entropy, g_entropy=g_entropy,
-                                                   temperature=temperature, row_idx=row_idx, n_valid=n_valid,
-                                                   lse_low=lse[1])
+        d_logits = logits_sweep.logits_logprob_bwd(logits, targets, lse[0], g_logp, entropy=entropy,
+                                                   g_entropy=g_entropy, temperature=temperature, row_idx=row_idx,
+                                                   n_valid=n_valid, lse_low=lse[1])
         return d_logits, lse.new_empty(0)
     sampler = tiles.TileSampler(temperature=temperature, lse_low=lse[1])
     d_hidden, d_weight = tiles.hidden_backward(hidden, weight, targets, valid_rows(row_idx, n_valid), lse[0],

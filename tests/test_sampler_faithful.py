@@ -23,7 +23,7 @@ import softpo
 from softpo import objectives
 
 from distributed import run_group
-from reference import TOLERANCE, assert_close_to_gt
+from reference import assert_close_to_gt
 
 pytestmark = [
     pytest.mark.usefixtures("poison_empty"),
