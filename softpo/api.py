@@ -51,7 +51,8 @@ class LazyMetrics(Mapping):
 
 @dataclass
 class PolicyLossOutput:
-    """loss: 0-d tensor to backprop. logp, entropy: [B, T] fp32, detached (entropy None unless computed).
+    """loss: 0-d tensor to backprop. logp, entropy: targets' shape ([B, T], or packed [total]) fp32, detached
+    (entropy None unless computed).
     metrics: 0-d detached tensors, computed at the first read (`LazyMetrics`; no host sync is forced,
     call .item() when logging)."""
 
@@ -90,7 +91,8 @@ def token_logprobs(
 
     Args:
         targets: integer tensor of any shape [...]; position i of hidden/logits predicts targets[i]
-            (already aligned: nothing is shifted here).
+            (already aligned: nothing is shifted here). Each token reads its own row only, so packed
+            sequences (targets [total], hidden [total, H]) need no cu_seqlens here.
         hidden: [..., H] with weight [V, H] (z = hidden @ weight.T), or
         logits: [..., V], any float dtype and row stride.
         temperature: z is divided by it, as in sampling.
@@ -157,6 +159,7 @@ def policy_loss(
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
     memory: str = "default",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
 
@@ -178,6 +181,12 @@ def policy_loss(
     and scales them by the loss's upstream gradient in the backward, in place: free when that gradient is
     1 (`loss.backward()`), one more pass over them otherwise, so fold constant factors into `normalizer`
     rather than the loss.
+    cu_seqlens: packed sequences (no padding): an int32 or int64 tensor [S + 1], 0 first, non-decreasing, the
+    number of tokens last (flash-attn's varlen convention). Then targets, mask, old_logp, ref_logp, rollout_logp
+    are [total] (or [1, total]), hidden [total, H] or logits [total, V] (or with a leading 1), advantages [S]
+    or [total], importance_sampling_ratio [total] or [S], rewards and q0 [S] (an [S] tensor is read as per
+    sequence when S = total); logp and entropy come back in targets' shape. The result equals the padded call
+    on [S, max length]; a Dr.GRPO normalizer ("seq-mean-token-sum-norm") needs `config.max_completion_length`.
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
@@ -185,20 +194,18 @@ def policy_loss(
         lambda: checks.validate_loss_inputs(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
             importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
-            check_targets=process_group is None,
+            check_targets=process_group is None, cu_seqlens=cu_seqlens,
         ),
         process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad,
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
         entropy=isinstance(config, LossConfig) and config.needs_entropy,
     )
     route, tiles = routes.choose(config, inputs, hidden, weight, logits, shard)
-    B, T = targets.shape
-    flat_targets = _local_targets(torch.where(inputs.mask, targets, 0).reshape(-1).long(), shard)
-    surrogate, terms, logp, entropy = routes.run(route, tiles, config, inputs, flat_targets, _rows(hidden), weight,
-                                                 _rows(logits), normalizer, entropy_gather, shard)
-    terms = None if terms is None else terms.view(B, T)
-    logp = logp.view(B, T)
-    entropy = None if entropy is None else entropy.view(B, T)
+    flat_targets = _local_targets(torch.where(inputs.row_mask, targets.reshape(-1), 0).long(), shard)
+    surrogate, terms, logp_rows, entropy_rows = routes.run(route, tiles, config, inputs, flat_targets, _rows(hidden),
+                                                           weight, _rows(logits), normalizer, entropy_gather, shard)
+    # The sweep's rows -> the objective's [B, T] (packed sequences: padded, O(tokens)).
+    terms, logp, entropy = inputs.grid(terms), inputs.grid(logp_rows), inputs.grid(entropy_rows)
     loss, pieces = objectives.objective_loss(
         config, logp, inputs.mask, inputs.advantages,
         old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,
@@ -210,7 +217,8 @@ def policy_loss(
         loss = loss.detach() + (surrogate - surrogate.detach())
     metrics = functools.partial(objectives.objective_metrics, config, pieces)
     return PolicyLossOutput(
-        loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(),
+        loss=loss, logp=logp_rows.detach().view(targets.shape),
+        entropy=None if entropy_rows is None else entropy_rows.detach().view(targets.shape),
         # A compiled step returns plain tensors; an eager call leaves the metrics' kernels for their first read.
         metrics=metrics() if torch.compiler.is_compiling() else LazyMetrics(metrics),
     )
@@ -234,10 +242,11 @@ class PolicyLoss(nn.Module):
         self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
         self.memory = memory
 
-    def forward(self, targets, mask, advantages=None, **kwargs) -> PolicyLossOutput:
+    def forward(self, targets, mask, advantages=None, *, cu_seqlens=None, **kwargs) -> PolicyLossOutput:
+        """`policy_loss`'s arguments after the config; cu_seqlens: packed sequences, as there."""
         kwargs.setdefault("impl", self.impl)
         kwargs.setdefault("memory", self.memory)
-        return policy_loss(self.config, targets, mask, advantages, **self.shard, **kwargs)
+        return policy_loss(self.config, targets, mask, advantages, **self.shard, cu_seqlens=cu_seqlens, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, impl={self.impl!r}"
