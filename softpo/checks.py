@@ -8,10 +8,9 @@ syncs to count them. With a process group every rank validates its own inputs an
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -197,7 +196,8 @@ class LossInputs:
     """policy_loss's inputs after validation: per-token tensors in the objective's dtype, mask bool,
     advantages [B, 1] or [B, T]; importance_sampling_ratio: the sampler weight, bounded, wherever it is known
     before the sweep (see `validate_loss_inputs`); valid_counts: each sequence's number of valid tokens (None under
-    torch.compile, which reads nothing back)."""
+    torch.compile, which reads nothing back); layout: for packed sequences, the map between the sweep's packed
+    rows and this [S, T] layout (`rows`, `grid`), else None."""
 
     mask: torch.Tensor
     advantages: torch.Tensor | None
@@ -212,6 +212,10 @@ class LossInputs:
     flat_memory: bool
     valid_counts: list[int] | None
     layout: PackedLayout | None = None
+    row_mask: torch.Tensor = field(init=False)  # the mask in the sweep's row order, [N]
+
+    def __post_init__(self):
+        self.row_mask = self.rows(self.mask)
 
     @property
     def valid_count(self) -> int | None:
@@ -236,10 +240,6 @@ class LossInputs:
             return None
         return rows.view(self.mask.shape) if self.layout is None else self.layout.to_padded(rows)
 
-    @functools.cached_property
-    def row_mask(self) -> torch.Tensor:
-        """The mask in the sweep's row order, [N]."""
-        return self.rows(self.mask)
 
 
 def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
