@@ -268,6 +268,22 @@ def test_packed_terms_route_without_gradient(config):
         assert_close_to_gt(out[key], ref[key], gt[key], torch.float32, key)
 
 
+@pytest.mark.parametrize("source", ["hidden", "logits"])
+@pytest.mark.parametrize("config", [
+    pytest.param(softpo.GSPO.replace(beta=0.04, entropy_coef=0.01), id="gspo-kl-entropy"),
+    pytest.param(softpo.DAPO.replace(entropy_coef=0.01), id="dapo-entropy"),
+])
+def test_packed_flat_memory_and_normalizer(small_tiles, config, source):
+    # memory="flat" and a caller's normalizer change how the gradient is formed and scaled, not the layout.
+    kwargs = _loss_inputs(config)
+    options = dict(source=source, memory="flat", normalizer=7.0)
+    gt = _call(config, kwargs, packed=False, impl="torch", dtype=torch.float64, **options)
+    ref = _call(config, kwargs, packed=False, impl="triton", dtype=torch.float32, **options)
+    out = _call(config, kwargs, packed=True, impl="triton", dtype=torch.float32, **options)
+    for key in gt:
+        assert_close_to_gt(out[key], ref[key], gt[key], torch.float32, key)
+
+
 VOCAB_PARALLEL = [
     ("gspo-kl-entropy", softpo.GSPO.replace(beta=0.04, entropy_coef=0.01), "hidden"),
     ("sapo-entropy", softpo.SAPO.replace(entropy_coef=0.01), "logits"),
