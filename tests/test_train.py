@@ -65,9 +65,9 @@ def test_count_reward_rejects_length_mismatch():
 
 
 def test_load_reward():
-    assert tasks.load_reward("softpo.tasks:count_reward") is tasks.count_reward
+    assert tasks.load_reward("softpo.train.tasks:count_reward") is tasks.count_reward
     for spec, match in (("no_colon", "module:function"), ("softpo.no_such_module:f", "cannot import"),
-                        ("softpo.tasks:no_such_function", "no function")):
+                        ("softpo.train.tasks:no_such_function", "no function")):
         with pytest.raises(ValueError, match=match):
             tasks.load_reward(spec)
 

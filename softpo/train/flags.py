@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tie-embeddings", action="store_true", help="built-in model: lm_head shares the input "
                    "embedding's weight")
     g.add_argument("--init-from", metavar="RUN_DIR", help="start policy (and reference) from the weights of an "
-                   "earlier run's checkpoint.pt (same model flags; optimizer and step start fresh); default: fresh weights")
+                   "earlier run's checkpoint.pt (same model flags; optimizer and step start fresh); "
+                   "default: fresh weights")
 
     g = p.add_argument_group("task and sampling")
     g.add_argument("--task", choices=sorted(tasks.TASKS), default="count", help="built-in task: its prompts, reward "

@@ -487,7 +487,8 @@ def finish(run: Run) -> None:
               f"({'CUDA allocated' if run.device.type == 'cuda' else 'process RSS'}); "
               f"a minibatch's [tokens, vocab] fp32 logits tensor ({tokens} tokens, never formed here) would take "
               f"{logits_mb(tokens, vocab):.1f} MiB at vocabulary {vocab:,}"
-              + (f", {logits_mb(tokens, QWEN_VOCAB):.1f} MiB at vocabulary {QWEN_VOCAB:,}" if vocab != QWEN_VOCAB else ""))
+              + (f", {logits_mb(tokens, QWEN_VOCAB):.1f} MiB at vocabulary {QWEN_VOCAB:,}"
+                 if vocab != QWEN_VOCAB else ""))
         print(f"run directory: {run.run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
     collectives.end_processes(run.world)
 
