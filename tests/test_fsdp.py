@@ -15,7 +15,8 @@ import socket
 import pytest
 import torch
 
-from softpo import head, train
+from softpo import train
+from softpo.head import gathered_weight
 from softpo.train import checkpoint, flags, fsdp, policy
 
 from test_train import TINY, TIMING_KEYS, read_metrics
@@ -157,7 +158,7 @@ def _gather_worker(rank, world, port, out_dir):
     torch.manual_seed(1 + rank)
     hidden, upstream = torch.randn(3, 5), torch.randn(3, 7)
     grads = {}
-    for name, gather in (("gathered", head.gathered_weight), ("full_tensor", lambda w: w.full_tensor())):
+    for name, gather in (("gathered", gathered_weight), ("full_tensor", lambda w: w.full_tensor())):
         head.weight.grad = None
         # The head's own forward never runs, so FSDP2 never gathers it: the loss gathers it.
         weight = gather(head.weight)
