@@ -3,6 +3,8 @@ module's own forward, LoRA adapters included, and gives the adapters their gradi
 no d weight on any route; the TRL drop-in matches TRL's GRPOTrainer with LoRA adapters on the model.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -297,3 +299,178 @@ def test_modules_to_save_wrapper_follows_its_active_copy():
     with model.disable_adapter():
         assert lm_head_weight(head) is head.original_module.weight
         torch.testing.assert_close(hidden @ lm_head_weight(head).T, head(hidden))
+
+
+# The TRL drop-in under PEFT, on test_trl's tiny Qwen2 and its captured batch, compared as test_trl compares.
+try:
+    import test_trl
+except (ImportError, pytest.skip.Exception):  # trl or datasets missing: test_trl skips itself on import
+    test_trl = None
+
+needs_trl = pytest.mark.skipif(test_trl is None, reason="needs trl and datasets")
+if test_trl is not None:
+    from test_trl import _one_thread, first_step, model_dir  # noqa: E402,F401  (fixtures)
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=len(test_trl.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        eos_token_id=1, pad_token_id=0, bos_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("tiny-qwen2-tied")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@contextlib.contextmanager
+def _trl_accepts_an_adapter_on_lm_head():
+    """TRL's GRPOTrainer refuses a PEFT layer as the output embedding; this hides the layer type from its check."""
+    import trl.trainer.grpo_trainer as grpo_trainer
+
+    class _NoTunerLayer:
+        pass
+
+    real = grpo_trainer.BaseTunerLayer
+    grpo_trainer.BaseTunerLayer = _NoTunerLayer
+    try:
+        yield
+    finally:
+        grpo_trainer.BaseTunerLayer = real
+
+
+def _peft_trainer(cls, path, output_dir, dtype, peft_config, overrides):
+    from transformers import Qwen2ForCausalLM
+
+    import datasets
+
+    return cls(
+        model=Qwen2ForCausalLM.from_pretrained(path, dtype=dtype), reward_funcs=test_trl._reward,
+        args=test_trl._args(output_dir, **overrides), processing_class=test_trl._tokenizer(),
+        train_dataset=datasets.Dataset.from_dict({"prompt": test_trl.PROMPTS}), peft_config=peft_config,
+    )
+
+
+def _peft_pair(path, tmp_path, peft_config, overrides, dtype=torch.float32):
+    """softpo's trainer and TRL's in float64, with the same PEFT config and the same adapter weights."""
+    from softpo.integrations.trl import SoftpoGRPOTrainer
+
+    overrides = dict(gradient_accumulation_steps=2, steps_per_generation=4, **overrides)
+    trainer = _peft_trainer(SoftpoGRPOTrainer, path, tmp_path / "out", dtype, peft_config, overrides)
+    gt_trainer = _peft_trainer(test_trl.GRPOTrainer, path, tmp_path / "gt", torch.float64, peft_config, overrides)
+    gt_params = dict(gt_trainer.model.named_parameters())
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and trainable == [n for n, p in gt_params.items() if p.requires_grad]
+    with torch.no_grad():
+        # The adapters' random initialisation differs between the two constructions: one set of weights.
+        for name, param in trainer.model.named_parameters():
+            gt_params[name].copy_(param)
+    for t in (trainer, gt_trainer):
+        t.current_gradient_accumulation_steps = 2
+        t.model.train()
+    return trainer, gt_trainer
+
+
+def _lora(**options):
+    return LoraConfig(**{**dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False), **options})
+
+
+PEFT_CASES = [
+    pytest.param("model_dir", dict(target_modules=PROJECTIONS), "sapo", id="lora-projections-sapo"),
+    pytest.param("model_dir", dict(target_modules=PROJECTIONS), "grpo", id="lora-projections-grpo"),
+    pytest.param("model_dir", dict(target_modules=PROJECTIONS, modules_to_save=["lm_head"]), "dapo",
+                 id="lora-projections-modules_to_save-lm_head"),
+    pytest.param("tied_dir", dict(target_modules=PROJECTIONS), "sapo", id="tied-embeddings-lora-projections"),
+]
+
+
+@needs_trl
+@pytest.mark.parametrize("path_fixture, lora, loss_type", PEFT_CASES)
+def test_trl_drop_in_matches_trl_under_peft(first_step, request, tmp_path, path_fixture, lora, loss_type):
+    path = request.getfixturevalue(path_fixture)
+    trainer, gt_trainer = _peft_pair(path, tmp_path, _lora(**lora), dict(loss_type=loss_type, beta=0.04))
+    test_trl._compare(trainer, gt_trainer, test_trl._perturbed(first_step["inputs"], trainer, seed=21))
+
+
+@needs_trl
+@pytest.mark.xfail(strict=True, reason=(
+    "the drop-in sweeps get_output_embeddings().weight, the base weight of a LoRA head; it needs "
+    "`weight = gathered_weight(lm_head_weight(self.get_output_embeddings()))` in integrations/trl.py's "
+    "_add_softpo_head (and lm_head_weight(head) in _check_model, to refuse heads it cannot reproduce)"
+))
+def test_trl_drop_in_trains_an_adapter_on_lm_head(first_step, model_dir, tmp_path):
+    with _trl_accepts_an_adapter_on_lm_head():
+        trainer, gt_trainer = _peft_pair(model_dir, tmp_path, _lora(target_modules=PROJECTIONS + ["lm_head"]),
+                                         dict(loss_type="dapo", beta=0.04), dtype=torch.float64)
+    # gt's log-probs come from the model's forward, through the head's adapter (TRL's own fused head skips it).
+    test_trl._compare_float64(trainer, gt_trainer, test_trl._perturbed(first_step["inputs"], trainer, seed=22))
+
+
+@needs_trl
+def test_policy_loss_trains_an_adapter_on_lm_head(model_dir):
+    """softpo.policy_loss with lm_head_weight of a PEFT model's LoRA head: loss and the head adapter's gradient
+    equal a float64 reference through the model's own forward; the base weight alone gives another loss."""
+    from transformers import Qwen2ForCausalLM
+
+    def build(dtype):
+        torch.manual_seed(4)
+        model = get_peft_model(Qwen2ForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                               _lora(target_modules=["q_proj", "lm_head"]))
+        return model.to(dtype)
+
+    model64, model32 = build(torch.float64), build(torch.float32)
+    head64, head32 = (m.get_output_embeddings() for m in (model64, model32))
+    assert type(head32).__name__ == "Linear" and hasattr(head32, "lora_A")
+    ids = torch.randint(2, len(test_trl.VOCAB), (3, 9))
+    targets, mask = ids[:, 1:], torch.ones(3, 8, dtype=torch.bool)
+    mask[2, 5:] = False
+    kwargs = loss_kwargs(softpo.SAPO, torch.full((3, 8), -3.0, dtype=torch.float64), uses_rollout=False)
+
+    def run(model, head, ours, weight_of=lm_head_weight):
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if ours:
+            hidden = model.get_base_model().model(input_ids=ids).last_hidden_state[:, :-1]
+            loss = softpo.policy_loss(softpo.SAPO, targets, mask, hidden=hidden, weight=weight_of(head),
+                                      impl="torch", **kwargs).loss
+        else:
+            logits = model(input_ids=ids).logits[:, :-1]
+            loss = reference_policy_loss(softpo.SAPO, targets, mask, logits=logits.double(), **kwargs)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return loss, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+
+    gt_loss, gt = run(model64, head64, ours=False)
+    ref_loss, ref = run(model32, head32, ours=False)
+    out_loss, out = run(model32, head32, ours=True)
+    assert_close_to_gt(out_loss, ref_loss, gt_loss, torch.float32, "loss")
+    head_adapter = [n for n in gt if "lm_head.lora_" in n]
+    assert len(head_adapter) == 2 and all(bool(gt[n].abs().max() > 0) for n in head_adapter)
+    for name, g in gt.items():
+        assert_close_to_gt(out[name], ref[name], g, torch.float32, name)
+    # What sweeping the base weight computes instead: another loss, and no gradient for the head's adapter.
+    base_loss, base = run(model32, head32, ours=True, weight_of=lambda head: head.weight)
+    assert abs(base_loss.item() - gt_loss.item()) > 1e-3 * abs(gt_loss.item())
+    assert all(bool((base[n] == 0).all()) for n in head_adapter)
+
+
+@needs_trl
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the drop-in checks only the head's bias at construction; `lm_head_weight(head)` in integrations/trl.py's "
+    "_check_model would refuse an lm_head adapter it cannot reproduce (here LoRA dropout) before training starts"
+))
+def test_trl_drop_in_refuses_an_lm_head_adapter_with_dropout(model_dir, tmp_path):
+    from softpo.integrations.trl import SoftpoGRPOTrainer
+
+    lora = _lora(target_modules=["lm_head"], lora_dropout=0.1)
+    with _trl_accepts_an_adapter_on_lm_head():
+        try:
+            _peft_trainer(SoftpoGRPOTrainer, model_dir, tmp_path, torch.float32, lora, dict(loss_type="grpo"))
+        except ValueError as error:
+            assert "lora_dropout=0.1" in str(error), str(error)
+        else:
+            raise AssertionError("the drop-in accepted an lm_head adapter whose dropout no weight reproduces")
