@@ -10,10 +10,12 @@ no single weight reproduces.
     weight = lm_head_weight(model.get_output_embeddings())
     out = softpo.policy_loss(config, targets, mask, advantages, hidden=hidden, weight=weight)
 
-peft is imported only when a head is not a plain `nn.Linear`.
+softpo never imports peft itself: a head can be a PEFT layer only once peft has been imported.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -44,11 +46,14 @@ def lm_head_weight(head: nn.Module, dtype: torch.dtype | None = None) -> torch.T
         raise ValueError(f"head must be an nn.Module (the model's lm_head), got {type(head).__name__}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    return _effective_weight(head, type(head).__name__, dtype)
+    return _effective_weight(head, "lm_head", dtype)
 
 
 def _effective_weight(module: nn.Module, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-    """The weight of `module`'s forward, in `dtype` (None: the dtype that forward returns). `name` is for errors."""
+    """The weight of `module`'s forward, in `dtype` (None: the dtype that forward returns).
+
+    `name` is the module's path from the lm_head, for errors: lm_head, lm_head.base_layer, ...
+    """
     if _is_plain_linear(module):
         _check_plain_linear(module, name)
         return module.weight if dtype is None else module.weight.to(dtype)
@@ -56,17 +61,17 @@ def _effective_weight(module: nn.Module, name: str, dtype: torch.dtype | None) -
     if peft_types is not None:
         lora_linear, modules_to_save, base_tuner = peft_types
         if isinstance(module, modules_to_save):
-            chosen = _chosen_module(module)
-            return _effective_weight(chosen, f"{name} > {type(chosen).__name__}", dtype)
+            path, chosen = _chosen_module(module)
+            return _effective_weight(chosen, f"{name}.{path}", dtype)
         if type(module) is lora_linear:
             return _lora_weight(module, name, dtype)
         if isinstance(module, base_tuner):
             raise ValueError(
-                f"lm_head {name} is a PEFT {type(module).__name__} layer; softpo reproduces only LoRA on a "
+                f"{_named(name, module)} is a PEFT layer other than LoRA's Linear; softpo reproduces only LoRA on a "
                 "plain nn.Linear head (no quantized base layer, no other adapter type)"
             )
     raise ValueError(
-        f"lm_head {name} is not an nn.Linear (or a PEFT LoRA layer over one) whose forward is "
+        f"{_named(name, module)} is not an nn.Linear (or a PEFT LoRA layer over one) whose forward is "
         "hidden @ weight.T, so no single weight reproduces it for softpo's sweep"
     )
 
@@ -79,28 +84,36 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 def _check_plain_linear(module: nn.Linear, name: str) -> None:
     if module.bias is not None:
-        raise ValueError(f"lm_head {name} has a bias, which softpo's sweep (hidden @ weight.T) does not add")
+        raise ValueError(f"{_named(name, module)} has a bias, which softpo's sweep (hidden @ weight.T) does not add")
     if not module.weight.dtype.is_floating_point:
-        raise ValueError(f"lm_head {name} has a {module.weight.dtype} weight; softpo sweeps floating weights only")
+        raise ValueError(
+            f"{_named(name, module)} has a {module.weight.dtype} weight; softpo sweeps floating weights only"
+        )
 
 
 def _peft_types():
-    """(LoRA Linear, ModulesToSaveWrapper, BaseTunerLayer), or None without peft installed."""
-    try:
-        from peft.tuners.lora.layer import Linear
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:
+    """(LoRA Linear, ModulesToSaveWrapper, BaseTunerLayer), or None while peft is not imported: a module
+    cannot be one of peft's layers before peft is, and importing it (and transformers) costs seconds."""
+    if "peft" not in sys.modules:
         return None
+    from peft.tuners.lora.layer import Linear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
     return Linear, ModulesToSaveWrapper, BaseTunerLayer
 
 
-def _chosen_module(wrapper: nn.Module) -> nn.Module:
-    """The module a ModulesToSaveWrapper's forward runs: its first active adapter's copy, else the original."""
+def _chosen_module(wrapper: nn.Module) -> tuple[str, nn.Module]:
+    """(path, module) that a ModulesToSaveWrapper's forward runs: its first active adapter's copy, else the original."""
     active = wrapper.active_adapters
     if wrapper.disable_adapters or not active or any(a not in wrapper.modules_to_save for a in active):
-        return wrapper.original_module
-    return wrapper.modules_to_save[active[0]]
+        return "original_module", wrapper.original_module
+    return f"modules_to_save.{active[0]}", wrapper.modules_to_save[active[0]]
+
+
+def _named(name: str, module: nn.Module) -> str:
+    kind = type(module)
+    return f"{name} ({kind.__module__}.{kind.__qualname__})"
 
 
 def _lora_weight(layer: nn.Module, name: str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -109,7 +122,7 @@ def _lora_weight(layer: nn.Module, name: str, dtype: torch.dtype | None) -> torc
     if layer.disable_adapters and merged:
         # The layer's forward would first unmerge the adapters from the base weight, in place.
         raise ValueError(
-            f"lm_head {name} has merged adapters but adapters are disabled; unmerge them "
+            f"{_named(name, layer)} has merged adapters but adapters are disabled; unmerge them "
             "(model.unmerge_adapter()) before computing softpo's loss"
         )
     base = _effective_weight(layer.base_layer, f"{name}.base_layer", None)
@@ -136,7 +149,7 @@ def _lora_weight(layer: nn.Module, name: str, dtype: torch.dtype | None) -> torc
 
 
 def _check_adapter(layer: nn.Module, adapter: str, name: str) -> None:
-    where = f"lm_head {name}, adapter {adapter!r}"
+    where = f"{_named(name, layer)}, adapter {adapter!r}"
     variants = getattr(layer, "lora_variant", {})
     if adapter in variants or getattr(layer, "use_dora", {}).get(adapter, False):
         kind = "DoRA" if getattr(layer, "use_dora", {}).get(adapter, False) else type(variants[adapter]).__name__

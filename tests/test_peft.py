@@ -65,6 +65,7 @@ HEADS = [
 def test_weight_reproduces_the_heads_forward(options):
     _, head = _lora_head(**options)
     hidden = torch.randn(5, H, dtype=torch.float64)
+    assert len(head.active_adapters) == options.get("adapters", 1)
     weight = lm_head_weight(head)
     assert weight.shape == (V, H) and weight.dtype == torch.float64
     torch.testing.assert_close(hidden @ weight.T, head(hidden), rtol=1e-12, atol=1e-12)
@@ -249,9 +250,9 @@ class _QuantizedLinear(nn.Linear):
 def test_heads_softpo_cannot_reproduce_raise():
     with pytest.raises(ValueError, match="has a bias"):
         lm_head_weight(nn.Linear(H, V))
-    with pytest.raises(ValueError, match="_QuantizedLinear is not an nn.Linear"):
+    with pytest.raises(ValueError, match=r"lm_head \(.*_QuantizedLinear\) is not an nn.Linear"):
         lm_head_weight(_QuantizedLinear(H, V, bias=False))
-    with pytest.raises(ValueError, match="Sequential is not an nn.Linear"):
+    with pytest.raises(ValueError, match=r"lm_head \(torch.nn.modules.container.Sequential\) is not"):
         lm_head_weight(nn.Sequential(nn.Linear(H, V, bias=False)))
     with pytest.raises(ValueError, match="head must be an nn.Module"):
         lm_head_weight(torch.zeros(V, H))
@@ -262,7 +263,11 @@ def test_heads_softpo_cannot_reproduce_raise():
     head.lora_B["default"].bias = nn.Parameter(torch.zeros(V, dtype=torch.float64))
     with pytest.raises(ValueError, match="lora_B has a bias"):
         lm_head_weight(head)
-    with pytest.raises(ValueError, match="base_layer has a bias"):
+    quantized = _Head()
+    quantized.lm_head = _QuantizedLinear(H, V, bias=False)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer \(.*_QuantizedLinear\) is not an nn.Linear"):
+        lm_head_weight(get_peft_model(quantized, LoraConfig(r=2, target_modules=["lm_head"])).base_model.model.lm_head)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer \(torch.nn.modules.linear.Linear\) has a bias"):
         lm_head_weight(get_peft_model(_Head(bias=True), LoraConfig(r=2, target_modules=["lm_head"]))
                        .base_model.model.lm_head)
 
