@@ -29,10 +29,11 @@ def lm_head_weight(head: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     - A plain `nn.Linear` without bias: its own weight, returned as is, so a frozen head stays frozen and
       softpo's sweeps skip d weight.
     - A PEFT LoRA `Linear` (possibly inside a `ModulesToSaveWrapper`): the base weight plus
-      `scaling * B @ A` of every active adapter, formed once per call in the wider of the base's and the
-      adapters' dtypes with autocast off. Gradients reach the adapters (and the base weight, if it is
-      trainable) through autograd. A merged layer's adapters are already in its weight; a disabled
-      layer is its base weight.
+      `scaling * B @ A` of every active adapter, formed once per call, with autocast off, in the wider of
+      the returned dtype and the adapters'. Gradients reach the adapters (and the base weight, if it is
+      trainable) through autograd: the sweep forms d weight [V, H] and autograd turns it into d B and d A,
+      so a trained adapter costs two V x H tensors (this weight and its gradient). A merged layer's
+      adapters are already in its weight; a disabled layer is its base weight.
 
     dtype: the returned weight's dtype; default the base weight's, which is the dtype the head's own forward
         returns. A caller that sweeps in another dtype (e.g. fp32 for a bf16 model) passes it here, so that
