@@ -392,6 +392,8 @@ PEFT_CASES = [
     pytest.param("model_dir", dict(target_modules=PROJECTIONS, modules_to_save=["lm_head"]), "dapo",
                  id="lora-projections-modules_to_save-lm_head"),
     pytest.param("tied_dir", dict(target_modules=PROJECTIONS), "sapo", id="tied-embeddings-lora-projections"),
+    pytest.param("tied_dir", dict(target_modules=PROJECTIONS, modules_to_save=["lm_head"]), "grpo",
+                 id="tied-embeddings-modules_to_save-lm_head"),
 ]
 
 
