@@ -237,6 +237,7 @@ def test_frozen_head_forms_no_weight_gradient(config, impl, memory):
         with torch.no_grad():
             head.weight.copy_(weight)
     frozen.weight.requires_grad_(False)
+    assert lm_head_weight(frozen) is frozen.weight  # the parameter itself: its requires_grad reaches the sweep
     route = (config, impl, memory)
     trained_loss, trained_d_hidden, trained_allocations = _run_head(trainable, route, hidden, targets, mask)
     frozen_loss, frozen_d_hidden, frozen_allocations = _run_head(frozen, route, hidden, targets, mask)
