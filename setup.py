@@ -23,9 +23,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets", "peft"],
         "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib", "cut-cross-entropy"],
-        "trl": ["trl>=1.16", "accelerate", "datasets"],
+        "trl": ["trl>=1.16", "accelerate", "datasets", "peft"],
         # The TRL drop-in under ZeRO-3. DS_BUILD_OPS=0 (the default) compiles no op at install.
         "deepspeed": ["deepspeed>=0.19", "trl>=1.16", "accelerate", "datasets"],
         "verl": ["verl>=0.9.1"],
