@@ -415,11 +415,6 @@ def test_trl_drop_in_matches_trl_under_peft(first_step, request, tmp_path, path_
 
 
 @needs_trl
-@pytest.mark.xfail(strict=True, reason=(
-    "the drop-in sweeps get_output_embeddings().weight, the base weight of a LoRA head; it needs "
-    "`weight = gathered_weight(lm_head_weight(self.get_output_embeddings()))` in integrations/trl.py's "
-    "_add_softpo_head (and lm_head_weight(head) in _check_model, to refuse heads it cannot reproduce)"
-))
 def test_trl_drop_in_trains_an_adapter_on_lm_head(first_step, model_dir, tmp_path):
     with _trl_accepts_an_adapter_on_lm_head():
         trainer, gt_trainer = _peft_pair(model_dir, tmp_path, _lora(target_modules=PROJECTIONS + ["lm_head"]),
@@ -475,10 +470,6 @@ def test_policy_loss_trains_an_adapter_on_lm_head(model_dir):
 
 
 @needs_trl
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the drop-in checks only the head's bias at construction; `lm_head_weight(head)` in integrations/trl.py's "
-    "_check_model would refuse an lm_head adapter it cannot reproduce (here LoRA dropout) before training starts"
-))
 def test_trl_drop_in_refuses_an_lm_head_adapter_with_dropout(model_dir, tmp_path):
     from softpo.integrations.trl import SoftpoGRPOTrainer
 

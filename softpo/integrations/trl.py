@@ -29,6 +29,7 @@ from ..adaptive import AdaptiveEntropy
 from ..api import policy_loss
 from ..config import LossConfig, preset
 from ..head import add_forward_call, gathered_weight, run_as_forward
+from ..lora import lm_head_weight
 from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
@@ -138,8 +139,8 @@ def _check_model(model) -> float:
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight for softpo to read")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which softpo's loss does not add")
+    # Refuses what softpo cannot reproduce exactly (a bias, LoRA dropout in training, an unknown wrapper).
+    lm_head_weight(head)
     scale = _logit_scale(text_config)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"the model's logit scale must be a finite number > 0 for softpo, got {scale}")
@@ -158,7 +159,7 @@ def _backbone_then_loss(model, loss_fn, zero3, **inputs):
     # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
     # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
     # alone would leave each rank its own, unreduced, gradient).
-    weight = gathered_weight(model.get_output_embeddings().weight)
+    weight = gathered_weight(lm_head_weight(model.get_output_embeddings()))
     return loss_fn(outputs, weight)
 
 
@@ -195,9 +196,13 @@ class SoftpoGRPOMixin:
         super().__init__(*args, **kwargs)
         self.softpo_config = loss_config_from_grpo_config(self.args)
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._softpo_zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        if self._softpo_zero3 and any("lora_" in name for name, _ in target.get_output_embeddings().named_modules()):
+            # ZeRO-3 gathers an adapter's A and B only inside their own forwards, which softpo's sweep bypasses.
+            raise ValueError("an adapter on lm_head is not supported under DeepSpeed ZeRO-3; "
+                             "train lm_head whole (modules_to_save=['lm_head']) or use FSDP2 or DDP")
         self._softpo_logit_scale = _check_model(target)
         self._softpo_model = target
-        self._softpo_zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
         # Patched now, before accelerate wraps the forward for mixed precision: its wrapper then wraps this one.
         add_forward_call(target)
 
