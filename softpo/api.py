@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checks, objectives, routes
 from .config import LossConfig
+from .lora import lm_head_weight
 
 class LazyMetrics(Mapping):
     """A read-only dict of metrics computed at its first read.
@@ -95,6 +96,9 @@ def token_logprobs(
             sequences (targets [total], hidden [total, H]) need no cu_seqlens here.
         hidden: [..., H] with weight [V, H] (z = hidden @ weight.T), or
         logits: [..., V], any float dtype and row stride.
+        weight may also be the lm_head module itself: an nn.Linear without bias, or a PEFT LoRA layer,
+            whose effective weight W + scale * B @ A is formed once per call so that the adapter's
+            gradient flows (`softpo.lm_head_weight`; a head it cannot reproduce raises ValueError).
         temperature: z is divided by it, as in sampling.
         return_entropy: also return the entropy of softmax(z / temperature) per token.
         impl: "auto" (Triton for CUDA tensors, chunked torch otherwise), "torch" or "triton".
@@ -118,7 +122,7 @@ def token_logprobs(
         logp [...] fp32, or (logp, entropy) when return_entropy; differentiable with respect to
         hidden/weight or logits.
     """
-
+    weight = lm_head_weight(weight) if isinstance(weight, nn.Module) else weight
     (temperature, path, flat_memory), shard = checks.decide(
         lambda: checks.validate_logprob_inputs(targets, hidden, weight, logits, temperature, memory, impl,
                                                inplace_backward, check_targets=process_group is None),
@@ -188,8 +192,11 @@ def policy_loss(
     sequence when S = total); logp and entropy come back in targets' shape. The result equals the padded call
     on [S, max length]; a Dr.GRPO normalizer ("seq-mean-token-sum-norm") needs `config.max_completion_length`.
 
+    weight: a tensor [V, H], or the lm_head module (a PEFT LoRA layer included), as in `token_logprobs`.
+
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
+    weight = lm_head_weight(weight) if isinstance(weight, nn.Module) else weight
     inputs, shard = checks.decide(
         lambda: checks.validate_loss_inputs(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import types
 
 import torch
 from accelerate.utils import is_peft_model
@@ -29,7 +28,8 @@ from .. import objectives
 from ..adaptive import AdaptiveEntropy
 from ..api import policy_loss
 from ..config import LossConfig, preset
-from ..distributed import gathered_weight
+from ..head import add_forward_call, gathered_weight, run_as_forward
+from ..lora import lm_head_weight
 from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
@@ -139,42 +139,40 @@ def _check_model(model) -> float:
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight for softpo to read")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which softpo's loss does not add")
+    # Refuses what softpo cannot reproduce exactly (a bias, LoRA dropout in training, an unknown wrapper).
+    lm_head_weight(head)
     scale = _logit_scale(text_config)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"the model's logit scale must be a finite number > 0 for softpo, got {scale}")
     return scale
 
 
-def _add_softpo_head(model, zero3: bool = False) -> None:
-    """Let `model(..., softpo_loss_fn=f)` run the backbone and return `f(backbone_outputs, lm_head_weight)`.
+def _backbone_then_loss(model, loss_fn, zero3, **inputs):
+    """The backbone on `inputs`, then `loss_fn(backbone_outputs, lm_head_weight)`: the softpo forward of `model`."""
+    inputs["use_cache"] = False
+    # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
+    outputs = model.base_model(**inputs)
+    # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
+    if zero3:
+        return head_loss(model, loss_fn, outputs)
+    # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
+    # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
+    # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
+    # alone would leave each rank its own, unreduced, gradient).
+    weight = gathered_weight(lm_head_weight(model.get_output_embeddings()))
+    return loss_fn(outputs, weight)
+
+
+def _softpo_forward(model, loss_fn, zero3: bool = False, caller=None, **inputs):
+    """`loss_fn(backbone_outputs, lm_head_weight)` run as `model`'s forward, called through `caller` (the
+    wrapper the trainer was given: DDP, FSDP, a DeepSpeed engine) when given.
 
     The loss runs inside the model's forward, as TRL's own fused head does, so wrappers that act around the
-    forward (DDP's gradient hooks, FSDP's parameter gathering, autocast) see it. Without the keyword the
-    forward is the one it replaces, so generation is unchanged.
+    forward (DDP's gradient hooks, FSDP's parameter gathering, autocast) see it. Other calls of the model
+    run its own forward, so generation is unchanged.
     """
-    replaced_forward = model.forward
-
-    # `generate` validates its keyword arguments against the forward's signature.
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, softpo_loss_fn=None, **kwargs):
-        if softpo_loss_fn is None:
-            return replaced_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
-        outputs = self.base_model(*args, **kwargs)
-        # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
-        if zero3:
-            return head_loss(self, softpo_loss_fn, outputs)
-        # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
-        # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
-        # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
-        # alone would leave each rank its own, unreduced, gradient).
-        weight = gathered_weight(self.get_output_embeddings().weight)
-        return softpo_loss_fn(outputs, weight)
-
-    model.forward = types.MethodType(forward, model)
+    run = functools.partial(_backbone_then_loss, model, loss_fn, zero3)
+    return run_as_forward(model, run, caller=caller, **inputs)
 
 
 def _bound_args(init, args, kwargs):
@@ -198,8 +196,15 @@ class SoftpoGRPOMixin:
         super().__init__(*args, **kwargs)
         self.softpo_config = loss_config_from_grpo_config(self.args)
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._softpo_zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        if self._softpo_zero3 and any("lora_" in name for name, _ in target.get_output_embeddings().named_modules()):
+            # ZeRO-3 gathers an adapter's A and B only inside their own forwards, which softpo's sweep bypasses.
+            raise ValueError("an adapter on lm_head is not supported under DeepSpeed ZeRO-3; "
+                             "train lm_head whole (modules_to_save=['lm_head']) or use FSDP2 or DDP")
         self._softpo_logit_scale = _check_model(target)
-        _add_softpo_head(target, zero3=self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+        self._softpo_model = target
+        # Patched now, before accelerate wraps the forward for mixed precision: its wrapper then wraps this one.
+        add_forward_call(target)
 
     def _normalizer(self, inputs, mode):
         """The token count TRL's dapo and cispo divide one micro-batch's sum by, before the 1/accumulation factor."""
@@ -287,7 +292,8 @@ class SoftpoGRPOMixin:
         if self.aux_loss_enabled:
             model_inputs["output_router_logits"] = True
         with self.accelerator.autocast():
-            out, aux_loss = model(**model_inputs, softpo_loss_fn=loss_fn)
+            out, aux_loss = _softpo_forward(self._softpo_model, loss_fn, self._softpo_zero3, caller=model,
+                                            **model_inputs)
 
         loss = out.loss / accumulation
         if control is not None and mode == "train":
