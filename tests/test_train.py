@@ -21,7 +21,7 @@ METRIC_KEYS = {
     "ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
     "gate_weight", "log_ratio_seq_var", "q_mean", "routing_drift", "aux_loss", "grad_norm", "expert_load",
     "is_weight_mean", "replay_logp_gap", "offline_fraction", "offline_reward_mean", "generated_tokens",
-    "generated_tokens_cumulative",
+    "generated_tokens_cumulative", "sampler_logp_gap",
 } | TIMING_KEYS
 
 

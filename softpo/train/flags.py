@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="completion length limit; default: the task's")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in "
                    "every log-prob")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all); the "
+                   "old and new log-probs are those of the same truncated distribution")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this "
+                   "much probability (1.0: all), after --top-k; scored the same way")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the "
+                   "most likely one (0: none), after --top-p; scored the same way")
+    g.add_argument("--score-untruncated", action="store_true", help="sample truncated but score the full "
+                   "softmax(z / T), as a loop unaware of the sampler's truncation would (shows sampler_logp_gap)")
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="sapo", help=f"preset: {', '.join(LOSSES)} (or a TRL loss_type)")
@@ -163,6 +171,12 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not (math.isfinite(args.min_p) and 0 <= args.min_p <= 1):
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.experts_per_token > args.experts:

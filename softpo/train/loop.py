@@ -49,7 +49,7 @@ from softpo.train import checkpoint, collectives, flags, fsdp, routing, samples,
 from softpo.train.collectives import (average_gradients, barrier, gather_over_ranks, gather_varying,
                                       raise_on_every_rank, reduce_metrics, same_on_every_rank, sum_over_ranks)
 from softpo.train.flags import UsageError
-from softpo.train.policy import build_model, build_tokenizer, load_balancing, rollout, scored
+from softpo.train.policy import build_model, build_tokenizer, load_balancing, rollout, sampler_settings, scored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +205,8 @@ class Collected:
     old_experts: list
     replayed: torch.Tensor | None
     fresh: list | None
+    # Sum of |sampler's log-prob - old log-prob| and the token count, over fresh completion tokens (truncated runs).
+    sampler_gap: torch.Tensor | None = None
 
 
 def setup(args) -> Run:
@@ -325,6 +327,12 @@ def collect(run: Run, step: int) -> Collected:
     if stored is not None and stored["behaviour_logp"] is not None and config.objective != "spo":
         rollout_logp = old_logp.clone()
         rollout_logp[online_rows:, : stored["behaviour_logp"].shape[1]] = stored["behaviour_logp"]
+    sampler_gap = None
+    if batch is not None and "sampler_logp" in batch:
+        # generate's own log-prob of each sampled token against softpo's: ~0 when both score one distribution.
+        fresh_mask = batch["mask"][:online_rows]
+        diff = (batch["sampler_logp"][:online_rows] - old_logp[:online_rows]).abs()
+        sampler_gap = torch.stack([torch.where(fresh_mask, diff, 0.0).sum(), fresh_mask.sum().float()])
     fresh = None
     if prompts and (args.save_samples or args.replay):
         fresh = samples.fresh_groups(step + 1, prompts, batch, rewards, old_logp, args.group_size, run.tokenizer)
@@ -333,7 +341,7 @@ def collect(run: Run, step: int) -> Collected:
             if run.main_rank:
                 samples.save(run.samples_path, step + 1, every_rank)
     return Collected(prompts, batch, rewards, advantages, q0, online_rows, old_logp, ref_logp, rollout_logp,
-                     old_experts, replayed, fresh)
+                     old_experts, replayed, fresh, sampler_gap)
 
 
 def score_old(run: Run, batch):
@@ -351,9 +359,14 @@ def score_old(run: Run, batch):
     sampled_experts = batch.get("rollout_experts")
     with torch.no_grad():
         for rows in run.slices:
-            def logprobs(hidden, weight):
-                return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight,
-                                             temperature=args.temperature, impl=args.impl)
+            def logprobs(hidden, weight, truncated=True):
+                return softpo.token_logprobs(targets[rows], hidden=hidden, weight=weight, impl=args.impl,
+                                             **sampler_settings(args, truncated))
+
+            def reference_logprobs(hidden, weight):
+                # The KL is to the reference's full distribution: a truncated one is -inf (an infinite KL)
+                # wherever the reference would not keep the token.
+                return logprobs(hidden, weight, truncated=False)
 
             force = None if sampled_experts is None else sampled_experts[rows]
             old_logp[rows], router, used = scored(run.model, batch, rows, run.moe, logprobs, run.replay, force)
@@ -364,8 +377,10 @@ def score_old(run: Run, batch):
                 old_experts.append(routing.top_k_sets(routing.routed_experts(router, run.top_k),
                                                       batch["prompt_length"] - 1))
             if run.reference is not None:
-                ref_logp[rows], _, _ = scored(run.reference, batch, rows, False, logprobs)
-    return old_logp, ref_logp, old_experts, replayed
+                ref_logp[rows], _, _ = scored(run.reference, batch, rows, False, reference_logprobs)
+    # Under truncation a padding target may lie outside the kept set (-inf); masked, it is set to 0 so that no
+    # inf - inf reaches a masked ratio or gap.
+    return old_logp.masked_fill(~mask, 0.0), ref_logp, old_experts, replayed
 
 
 def update(run: Run, data: Collected) -> tuple[dict, list]:
@@ -395,8 +410,8 @@ def update(run: Run, data: Collected) -> tuple[dict, list]:
                     old_logp=data.old_logp[rows], ref_logp=None if data.ref_logp is None else data.ref_logp[rows],
                     rollout_logp=None if data.rollout_logp is None else data.rollout_logp[rows],
                     rewards=data.rewards[rows], q0=None if data.q0 is None else data.q0[rows],
-                    temperature=args.temperature, normalizer=normalizer, impl=args.impl,
-                    entropy_gather=entropy_gather,
+                    normalizer=normalizer, impl=args.impl, entropy_gather=entropy_gather,
+                    **sampler_settings(args),
                 )
 
             out, router, used = scored(run.model, batch, rows, run.moe, minibatch_loss, run.replay,
@@ -459,6 +474,7 @@ def record(run: Run, step: int, data: Collected, logged: dict, loads: list, elap
         "generated_tokens": generated,
         "generated_tokens_cumulative": generated + (history[-1]["generated_tokens_cumulative"] if history else 0),
         **{key: metrics.get(key) for key in METRIC_KEYS},
+        "sampler_logp_gap": sampler_logp_gap(data, run.world),
         "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
         "tokens_per_s": tokens[0].item() / elapsed,
         "peak_mem_mb": peak_memory_mb(run.device),
@@ -469,6 +485,15 @@ def record(run: Run, step: int, data: Collected, logged: dict, loads: list, elap
         with open(run.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
     return row
+
+
+def sampler_logp_gap(data: Collected, world: int) -> float | None:
+    """Mean |generate's log-prob of the sampled token - softpo's old log-prob| over fresh completion tokens of
+    every rank; None when the run does not truncate (then both are softmax(z / T) by construction)."""
+    if data.sampler_gap is None:
+        return None
+    total, count = sum_over_ranks(data.sampler_gap, world).tolist()
+    return total / max(count, 1.0)
 
 
 def finish(run: Run) -> None:

@@ -57,11 +57,16 @@ def rollout(model, tokenizer, prompts, args, device, replay=None):
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = encoded.input_ids.repeat_interleave(args.group_size, dim=0)
     prompt_mask = encoded.attention_mask.repeat_interleave(args.group_size, dim=0)
-    # A clean config: no top-k/top-p/penalties from the model's defaults, so sampling is exactly
-    # softmax(z / T), the distribution every log-prob below is taken under.
+    # A clean config: no top-k/top-p/penalties from the model's defaults, only the run's own settings, so
+    # sampling draws from exactly the distribution `sampler_settings` describes to softpo.
+    truncated = truncates(args)
     generation = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+        do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p or None, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        # The processed scores, to measure softpo's log-probs against the sampler's own (B x T x V floats: kept
+        # only when truncating, the one case where the two can differ by more than rounding).
+        output_scores=truncated, return_dict_in_generate=truncated,
     )
     model.eval()
     # Sharded layers all-gather in every forward: each rank keeps stepping until all ranks are done.
@@ -69,6 +74,12 @@ def rollout(model, tokenizer, prompts, args, device, replay=None):
         sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation,
                                    synced_gpus=fsdp.is_sharded(model))
     model.train()
+    sampler_logp = None
+    if truncated:
+        sequences, scores = sequences.sequences, sequences.scores
+        completion = sequences[:, prompt_ids.shape[1]:]
+        sampler_logp = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, completion[:, t, None]).squeeze(-1)
+                                    for t, s in enumerate(scores)], dim=1)
     completion = sequences[:, prompt_ids.shape[1]:]
     is_eos = completion == tokenizer.eos_token_id
     # Completion tokens up to and including the first EOS count; generate pads the rest.
@@ -85,9 +96,24 @@ def rollout(model, tokenizer, prompts, args, device, replay=None):
         "texts": tokenizer.batch_decode(completion.masked_fill(~mask, tokenizer.pad_token_id),
                                         skip_special_tokens=True),
     }
+    if sampler_logp is not None:
+        batch["sampler_logp"] = sampler_logp
     if recording is not None:
         batch["rollout_experts"] = recording.generation_layout(sequences.shape[0])
     return batch
+
+
+def truncates(args) -> bool:
+    """Whether the run samples from a truncated distribution (--top-k, --top-p, --min-p)."""
+    return bool(args.top_k) or args.top_p < 1.0 or bool(args.min_p)
+
+
+def sampler_settings(args, truncated: bool = True) -> dict:
+    """softpo's keywords for the distribution `rollout` samples from; `truncated=False`: the full softmax(z / T)."""
+    settings = dict(temperature=args.temperature)
+    if truncated and not args.score_untruncated:
+        settings.update(top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p or None)
+    return settings
 
 
 def forward(model, batch, rows, moe):
