@@ -111,7 +111,7 @@ def truncates(args) -> bool:
 def sampler_settings(args, truncated: bool = True) -> dict:
     """softpo's keywords for the distribution `rollout` samples from; `truncated=False`: the full softmax(z / T)."""
     settings = dict(temperature=args.temperature)
-    if truncated and not args.score_untruncated:
+    if truncated and truncates(args) and not args.score_untruncated:
         settings.update(top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p or None)
     return settings
 
