@@ -38,9 +38,10 @@ from .harness import (MIB, WORKER_MARK, add_fractions, best_ceilings, cpu_memory
 from .providers import PROVIDERS, missing_peers
 from .report import markdown, plot, write_json
 
-# What a set changes in the defaults: the tiny set checks the harness, so its times need few samples and
-# its memory (kilobytes) no fresh process; the quick set keeps to a few minutes on a CPU.
-SET_DEFAULTS = {"tiny": {"target_s": 0.1, "isolate": False}, "quick": {"target_s": 1.0}}
+# What a set changes in the defaults: the tiny set checks the harness, so its times need few samples, one
+# input set (no cache to spill) and its memory (kilobytes) no fresh process; the quick set keeps to a few
+# minutes on a CPU.
+SET_DEFAULTS = {"tiny": {"target_s": 0.05, "isolate": False, "max_input_sets": 1}, "quick": {"target_s": 1.0}}
 
 
 def parse_args(argv):
@@ -62,7 +63,7 @@ def parse_args(argv):
                         help="stop starting new cases after this many seconds (finish with --resume)")
     parser.add_argument("--target-seconds", type=float, default=None,
                         help="timed calls per result until about this long (default 1 on cuda and for --quick, "
-                             "2 on cpu, 0.1 for --tiny)")
+                             "2 on cpu, 0.05 for --tiny)")
     parser.add_argument("--min-samples", type=int, default=3)
     parser.add_argument("--max-samples", type=int, default=25)
     isolate = parser.add_mutually_exclusive_group()
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = SET_DEFAULTS.get(args.set_name, {})
     isolate = args.isolate if args.isolate is not None else defaults.get("isolate", device == "cpu")
     target_s = args.target_seconds or defaults.get("target_s") or (1.0 if device == "cuda" else 2.0)
-    measure_kwargs = {"target_s": target_s, "min_samples": args.min_samples, "max_samples": args.max_samples}
+    measure_kwargs = {"target_s": target_s, "min_samples": args.min_samples, "max_samples": args.max_samples,
+                      "max_input_sets": defaults.get("max_input_sets", 8)}
     if device == "cpu" and not isolate:
         cpu_memory_setup()
 
