@@ -127,6 +127,7 @@ LOGITS_PEERS = ("softpo-triton", "softpo-triton-flat", "softpo-compile", "liger-
 QUICK_PEERS = ("softpo-triton", "softpo-torch", "torch-eager", "liger-fused-linear", "trl", "torch-linear-ce",
                "cut-cross-entropy", "quack")
 QUICK_WHY = "the quick set compiles (a CPU compile costs tens of seconds) on the hidden-path SAPO loss only"
+SWEEP_WHY = "a CPU compile per case costs tens of seconds: the cpu-sweep set compiles the plain N=1024, V=8192 cases"
 
 
 def _per_path(*families):
@@ -163,12 +164,12 @@ SETS = {
         )),
     "quick": dict(
         about="a few minutes on a CPU: softpo against torch eager, torch.compile and the installed peers at "
-              "N=1024, H=256, V=8192, fp32, and the memory of a large vocabulary (V=151936)",
+              "N=1024, H=256, V=8192, fp32, and the memory of a large vocabulary (N=256, V=151936)",
         dtype="fp32", H=256, families=(
             Family("hidden", "fwdbwd", SAPO, (1024,), 8192, T=256),
             Family("hidden", "fwd", LOGP, (1024,), 8192, T=256, only=QUICK_PEERS, why=QUICK_WHY),
             Family("logits", "fwdbwd", SAPO, (1024,), 8192, T=256, only=QUICK_PEERS, why=QUICK_WHY),
-            Family("hidden", "fwdbwd", SAPO, (1024,), 151936, T=1024,
+            Family("hidden", "fwdbwd", SAPO, (256,), 151936, T=256,
                    only=("softpo-triton", "softpo-torch", "torch-eager"),
                    why="the quick set's large-vocabulary case compares softpo's memory with materialized logits"),
         )),
@@ -176,13 +177,15 @@ SETS = {
         about="about 30 minutes on a CPU: fp32, H=256, V=8192, N from 256 to 4096, every objective with and "
               "without entropy, a 16384-token row, and N=4096, H=256, V=151936 forward and forward+backward",
         dtype="fp32", H=256, families=(
-            *_per_path(Family("", "fwdbwd", SAPO, (256, 1024, 4096), 8192, T=256),
-                       Family("", "fwdbwd", OTHERS, (1024,), 8192, T=256, leave_out=COMPILED, why=QUICK_WHY)),
-            Family("hidden", "fwd", LOGP, (256, 1024, 4096), 8192, T=256),
-            Family("hidden", "fwd", LOGP_ENTROPY, (1024,), 8192, T=256, leave_out=COMPILED, why=QUICK_WHY),
-            Family("logits", "fwdbwd", SAPO, (16384,), 4096, T=16384, tag="row", leave_out=COMPILED, why=QUICK_WHY),
-            Family("hidden", "fwd", LOGP, (4096,), 151936, T=1024, leave_out=COMPILED, why=QUICK_WHY),
-            Family("hidden", "fwdbwd", SAPO, (4096,), 151936, T=1024, leave_out=COMPILED, why=QUICK_WHY),
+            *_per_path(Family("", "fwdbwd", SAPO, (256, 4096), 8192, T=256, leave_out=COMPILED, why=SWEEP_WHY),
+                       Family("", "fwdbwd", SAPO, (1024,), 8192, T=256),
+                       Family("", "fwdbwd", OTHERS, (1024,), 8192, T=256, leave_out=COMPILED, why=SWEEP_WHY)),
+            Family("hidden", "fwd", LOGP, (256, 4096), 8192, T=256, leave_out=COMPILED, why=SWEEP_WHY),
+            Family("hidden", "fwd", LOGP, (1024,), 8192, T=256),
+            Family("hidden", "fwd", LOGP_ENTROPY, (1024,), 8192, T=256, leave_out=COMPILED, why=SWEEP_WHY),
+            Family("logits", "fwdbwd", SAPO, (16384,), 4096, T=16384, tag="row", leave_out=COMPILED, why=SWEEP_WHY),
+            Family("hidden", "fwd", LOGP, (4096,), 151936, T=1024, leave_out=COMPILED, why=SWEEP_WHY),
+            Family("hidden", "fwdbwd", SAPO, (4096,), 151936, T=1024, leave_out=COMPILED, why=SWEEP_WHY),
         )),
     "tiny": dict(
         about="seconds: three tiny cases that exercise the harness and every provider",
