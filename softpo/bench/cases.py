@@ -188,10 +188,11 @@ SETS = {
             Family("hidden", "fwdbwd", SAPO, (4096,), 151936, T=1024, leave_out=COMPILED, why=SWEEP_WHY),
         )),
     "tiny": dict(
-        about="seconds: three tiny cases that exercise the harness and every provider",
+        about="seconds: three tiny cases that exercise the harness, softpo against torch eager",
         dtype="fp32", H=32, families=tuple(
-            dataclasses.replace(f, leave_out=COMPILED, why="left out of the tiny set: a CPU compile takes tens "
-                                "of seconds") for f in (
+            dataclasses.replace(f, only=("softpo-triton", "softpo-torch", "torch-eager"),
+                                why="the tiny set checks the harness, with softpo and torch eager only (importing "
+                                    "the peers takes longer than the set): --quick runs them") for f in (
                 Family("hidden", "fwdbwd", SAPO, (64,), 1000, T=32),
                 Family("logits", "fwdbwd", (("grpo", False),), (64,), 1000, T=32),
                 Family("hidden", "fwd", LOGP, (64,), 1000, T=32),
