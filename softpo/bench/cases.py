@@ -42,20 +42,21 @@ class Case:
     def N(self) -> int:
         return self.B * self.T
 
+    def _name(self, rows: bool) -> str:
+        ent = "-ent" if self.entropy else ""
+        tag = f"-{self.tag}" if self.tag else ""
+        shape = f"-N{self.N}-T{self.T}" if rows else ""
+        hid = f"-H{self.H}" if self.path == "hidden" else ""
+        return f"{self.path}-{self.mode}-{self.objective}{ent}{tag}{shape}{hid}-V{self.V}-{self.dtype}"
+
     @property
     def id(self) -> str:
-        ent = "-ent" if self.entropy else ""
-        hid = f"-H{self.H}" if self.path == "hidden" else ""
-        tag = f"-{self.tag}" if self.tag else ""
-        return f"{self.path}-{self.mode}-{self.objective}{ent}{tag}-N{self.N}-T{self.T}{hid}-V{self.V}-{self.dtype}"
+        return self._name(rows=True)
 
     @property
     def family(self) -> str:
         """The case with N left out: the cases of one family form a line against N in the plots."""
-        ent = "-ent" if self.entropy else ""
-        hid = f"-H{self.H}" if self.path == "hidden" else ""
-        tag = f"-{self.tag}" if self.tag else ""
-        return f"{self.path}-{self.mode}-{self.objective}{ent}{tag}{hid}-V{self.V}-{self.dtype}"
+        return self._name(rows=False)
 
     @property
     def itemsize(self) -> int:
@@ -293,6 +294,14 @@ def loss_config(case: Case):
 
     overrides = {"entropy_coef": ENTROPY_COEF} if case.entropy else {}
     return softpo.preset(case.objective, **overrides)
+
+
+def forward_only(fn, *args, **kwargs) -> Callable[[], None]:
+    """A case's run for mode "fwd": the call without autograd, as for old and reference log-probs."""
+    def run():
+        with torch.no_grad():
+            fn(*args, **kwargs)
+    return run
 
 
 def loss_kwargs(inputs: dict) -> dict:

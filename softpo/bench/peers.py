@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from .cases import Case, Provider, loss_config, loss_kwargs
+from .cases import Case, Provider, forward_only, loss_config, loss_kwargs
 
 
 def _liger_loss_type(case: Case) -> tuple[str, str]:
@@ -85,10 +85,7 @@ class LigerFusedLinearProvider(Provider):
         hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
         if case.mode == "fwd":
             # The chunked selective log-prob Liger's loss runs for the reference model's log-probs.
-            def run():
-                with torch.no_grad():
-                    LigerFusedLinearPPOBase.chunk_forward(hidden, weight, targets)
-            return run
+            return forward_only(LigerFusedLinearPPOBase.chunk_forward, hidden, weight, targets)
         config = loss_config(case)
         loss_type, level = _liger_loss_type(case)
         module = LigerFusedLinearGRPOLoss(
@@ -134,10 +131,7 @@ class LinearCrossEntropyPeer(Provider):
             return -self._neg_ce(hidden.reshape(-1, H), weight, targets.reshape(-1)).float().view(targets.shape)
 
         if case.mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    logp_of()
-            return run
+            return forward_only(logp_of)
         config = loss_config(case)
         kwargs = loss_kwargs(inputs)
         mask = inputs["mask"]
@@ -277,10 +271,7 @@ class TrlProvider(Provider):
                 return selective_log_softmax(logits, targets), None
 
         if case.mode == "fwd":
-            def run():
-                with torch.no_grad():
-                    logprobs()
-            return run
+            return forward_only(logprobs)
         config = loss_config(case)
         loss_type, level = _liger_loss_type(case)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import Provider, loss_config, loss_kwargs
+from .cases import Provider, forward_only, loss_config, loss_kwargs
 from .peers import (CutCrossEntropyProvider, LigerFusedLinearProvider, LigerTritonProvider, QuackProvider,
                     TorchLinearCrossEntropyProvider, TrlProvider)
 
@@ -55,11 +55,7 @@ class SoftpoProvider(Provider):
             "hidden": inputs["hidden"], "weight": inputs["weight"]}
         if case.mode == "fwd":
             forward = _compiled(_softpo_logprobs) if self.compiled else _softpo_logprobs
-
-            def run():
-                with torch.no_grad():
-                    forward(targets, case.entropy, self.impl, **sweep)
-            return run
+            return forward_only(forward, targets, case.entropy, self.impl, **sweep)
         config = loss_config(case)
         kwargs = loss_kwargs(inputs)
         step = _compiled(_softpo_loss) if self.compiled else _softpo_loss
@@ -130,11 +126,7 @@ class EagerProvider(Provider):
             "hidden": inputs["hidden"], "weight": inputs["weight"]}
         if case.mode == "fwd":
             fn = torch.compile(_eager_logp) if self.compiled else _eager_logp
-
-            def run():
-                with torch.no_grad():
-                    fn(targets, case.entropy, **sweep)
-            return run
+            return forward_only(fn, targets, case.entropy, **sweep)
         fn = torch.compile(_eager_loss) if self.compiled else _eager_loss
         config = loss_config(case)
         kwargs = loss_kwargs(inputs)
