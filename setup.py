@@ -11,7 +11,7 @@ setup(
     # __init__.py: from the checkout root (python -m, pytest, torchrun, a notebook) the folder is then at
     # most a namespace portion named `kernels`, which never wins over PyPI's regular package of that name
     # (transformers imports it).
-    packages=["softpo", "softpo.integrations", "softpo.kernels", "softpo.train"],
+    packages=["softpo", "softpo.bench", "softpo.integrations", "softpo.kernels", "softpo.train"],
     install_requires=[
         # The floor is the oldest release CI tests (.ci/run: 2.13, and the newest, 2.15). The APIs used would
         # allow 2.6 (public FSDP2 `fully_shard`, torch.library custom ops with autograd; addmm(out_dtype=) is
