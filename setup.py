@@ -11,7 +11,7 @@ setup(
     # __init__.py: from the checkout root (python -m, pytest, torchrun, a notebook) the folder is then at
     # most a namespace portion named `kernels`, which never wins over PyPI's regular package of that name
     # (transformers imports it).
-    packages=["softpo", "softpo.integrations", "softpo.kernels"],
+    packages=["softpo", "softpo.bench", "softpo.integrations", "softpo.kernels", "softpo.train"],
     install_requires=[
         # The floor is the oldest release CI tests (.ci/run: 2.13, and the newest, 2.15). The APIs used would
         # allow 2.6 (public FSDP2 `fully_shard`, torch.library custom ops with autograd; addmm(out_dtype=) is
@@ -23,9 +23,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "liger-kernel", "trl>=1.16", "accelerate", "datasets", "peft"],
         "bench": ["pytest-benchmark", "liger-kernel", "trl>=1.16", "matplotlib", "cut-cross-entropy"],
-        "trl": ["trl>=1.16", "accelerate", "datasets"],
+        "trl": ["trl>=1.16", "accelerate", "datasets", "peft"],
         # The TRL drop-in under ZeRO-3. DS_BUILD_OPS=0 (the default) compiles no op at install.
         "deepspeed": ["deepspeed>=0.19", "trl>=1.16", "accelerate", "datasets"],
         "verl": ["verl>=0.9.1"],

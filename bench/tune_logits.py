@@ -41,7 +41,8 @@ def main() -> None:
     nbytes = logits.numel() * logits.element_size()
     copy_ms = do_bench(lambda: out.copy_(logits), return_mode="median")
     copy_bw = 2 * nbytes / copy_ms / 1e6
-    terms = token_epilogue.TermsArgs(advantages=torch.randn(N, generator=gen, device="cuda"), gate=token_epilogue.GATE_SOFT)
+    terms = token_epilogue.TermsArgs(advantages=torch.randn(N, generator=gen, device="cuda"),
+                                     gate=token_epilogue.GATE_SOFT)
     rows = []
     originals = L._FWD_CONFIGS, L._BWD_CONFIGS
     try:

@@ -250,7 +250,7 @@ class TermsArgs:
     is_hi: float = float("inf")
 
     def check(self, N: int, device) -> None:
-        """The launchers' contract (asserted: softpo.triton_ops.terms_args builds these from validated input)."""
+        """The launchers' contract (asserted: softpo.fused.terms_args builds these from validated input)."""
         for name in ("advantages", "old_logp", "ref_logp", "is_weight"):
             t = getattr(self, name)
             assert t is None or (t.shape == (N,) and t.dtype == torch.float32 and t.device == device

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checks, objectives, routes, sampling
 from .config import LossConfig
+from .lora import lm_head_weight
 
 class LazyMetrics(Mapping):
     """A read-only dict of metrics computed at its first read.
@@ -51,7 +52,8 @@ class LazyMetrics(Mapping):
 
 @dataclass
 class PolicyLossOutput:
-    """loss: 0-d tensor to backprop. logp, entropy: [B, T] fp32, detached (entropy None unless computed).
+    """loss: 0-d tensor to backprop. logp, entropy: targets' shape ([B, T], or packed [total]) fp32, detached
+    (entropy None unless computed).
     metrics: 0-d detached tensors, computed at the first read (`LazyMetrics`; no host sync is forced,
     call .item() when logging)."""
 
@@ -96,9 +98,13 @@ def token_logprobs(
 
     Args:
         targets: integer tensor of any shape [...]; position i of hidden/logits predicts targets[i]
-            (already aligned: nothing is shifted here).
+            (already aligned: nothing is shifted here). Each token reads its own row only, so packed
+            sequences (targets [total], hidden [total, H]) need no cu_seqlens here.
         hidden: [..., H] with weight [V, H] (z = hidden @ weight.T), or
         logits: [..., V], any float dtype and row stride.
+        weight may also be the lm_head module itself: an nn.Linear without bias, or a PEFT LoRA layer,
+            whose effective weight W + scale * B @ A is formed once per call so that the adapter's
+            gradient flows (`softpo.lm_head_weight`; a head it cannot reproduce raises ValueError).
         temperature: z is divided by it, as in sampling: a float, or a float tensor with one value per
             sequence ([B] for targets [B, T]) or per token (the targets' shape); finite and > 0.
         logit_scale, softcap, top_k, top_p, min_p: the rest of the distribution a sampler draws from, in the
@@ -131,7 +137,7 @@ def token_logprobs(
         logp [...] fp32, or (logp, entropy) when return_entropy; differentiable with respect to
         hidden/weight or logits.
     """
-
+    weight = lm_head_weight(weight) if isinstance(weight, nn.Module) else weight
     sampler = dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
     (temperature, path, flat_memory, transform), shard = checks.decide(
         lambda: checks.validate_logprob_inputs(targets, hidden, weight, logits, temperature, memory, impl,
@@ -181,6 +187,7 @@ def policy_loss(
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
     memory: str = "default",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """The loss of `config` (a preset such as `softpo.SAPO`) from hidden states or logits.
 
@@ -193,7 +200,7 @@ def policy_loss(
     (SPO); normalizer: the count the loss's sums are divided by ("token-mean": tokens, the "seq-mean-*"
     modes: sequences; e.g. the global count across ranks and accumulation steps), default the local one;
     entropy_gather: see `objectives.high_entropy_mask`.
-    temperature ([B] per sequence, [B, T] per token, or a float), logit_scale, softcap, top_k, top_p, min_p,
+    temperature ([B] per sequence, [B, T] per token, or a float; packed: [S] or [total]), logit_scale, softcap, top_k, top_p, min_p,
     batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a target outside its
     row's kept set (logp -inf) is left out of the objective as if masked (policy and KL terms, normalizers),
     and metrics["outside_support"] gives the fraction of unmasked tokens so treated.
@@ -206,14 +213,23 @@ def policy_loss(
     and scales them by the loss's upstream gradient in the backward, in place: free when that gradient is
     1 (`loss.backward()`), one more pass over them otherwise, so fold constant factors into `normalizer`
     rather than the loss.
+    cu_seqlens: packed sequences (no padding): an int32 or int64 tensor [S + 1], 0 first, non-decreasing, the
+    number of tokens last (flash-attn's varlen convention). Then targets, mask, old_logp, ref_logp, rollout_logp
+    are [total] (or [1, total]), hidden [total, H] or logits [total, V] (or with a leading 1), advantages [S]
+    or [total], importance_sampling_ratio [total] or [S], rewards and q0 [S] (an [S] tensor is read as per
+    sequence when S = total); logp and entropy come back in targets' shape. The result equals the padded call
+    on [S, max length]; a Dr.GRPO normalizer ("seq-mean-token-sum-norm") needs `config.max_completion_length`.
+
+    weight: a tensor [V, H], or the lm_head module (a PEFT LoRA layer included), as in `token_logprobs`.
 
     Returns a `PolicyLossOutput` with `.loss`, `.logp`, `.entropy` and `.metrics`.
     """
+    weight = lm_head_weight(weight) if isinstance(weight, nn.Module) else weight
     inputs, shard = checks.decide(
         lambda: checks.validate_loss_inputs(
             config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp, rollout_logp,
             importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
-            check_targets=process_group is None,
+            check_targets=process_group is None, cu_seqlens=cu_seqlens,
             sampler=dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p),
             batch_invariant=batch_invariant,
         ),
@@ -222,13 +238,11 @@ def policy_loss(
         entropy=isinstance(config, LossConfig) and config.needs_entropy,
     )
     route, tiles = routes.choose(config, inputs, hidden, weight, logits, shard)
-    B, T = targets.shape
-    flat_targets = _local_targets(torch.where(inputs.mask, targets, 0).reshape(-1).long(), shard)
-    surrogate, terms, logp, entropy = routes.run(route, tiles, config, inputs, flat_targets, _rows(hidden), weight,
-                                                 _rows(logits), normalizer, entropy_gather, shard)
-    terms = None if terms is None else terms.view(B, T)
-    logp = logp.view(B, T)
-    entropy = None if entropy is None else entropy.view(B, T)
+    flat_targets = _local_targets(torch.where(inputs.row_mask, targets.reshape(-1), 0).long(), shard)
+    surrogate, terms, logp_rows, entropy_rows = routes.run(route, tiles, config, inputs, flat_targets, _rows(hidden),
+                                                           weight, _rows(logits), normalizer, entropy_gather, shard)
+    # The sweep's rows -> the objective's [B, T] (packed sequences: padded, O(tokens)).
+    terms, logp, entropy = inputs.grid(terms), inputs.grid(logp_rows), inputs.grid(entropy_rows)
     V = shard.vocab if shard is not None else weight.shape[0] if hidden is not None else logits.shape[-1]
     mask, objective_logp, outside = _sampler_support(inputs, logp, V)
     loss, pieces = objectives.objective_loss(
@@ -244,7 +258,8 @@ def policy_loss(
     if outside is not None:
         metrics = functools.partial(_with_outside_support, metrics, outside, inputs.mask)
     return PolicyLossOutput(
-        loss=loss, logp=logp.detach(), entropy=None if entropy is None else entropy.detach(),
+        loss=loss, logp=logp_rows.detach().view(targets.shape),
+        entropy=None if entropy_rows is None else entropy_rows.detach().view(targets.shape),
         # A compiled step returns plain tensors; an eager call leaves the metrics' kernels for their first read.
         metrics=metrics() if torch.compiler.is_compiling() else LazyMetrics(metrics),
     )
@@ -292,12 +307,13 @@ class PolicyLoss(nn.Module):
         self.shard = dict(process_group=process_group, vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
         self.memory = memory
 
-    def forward(self, targets, mask, advantages=None, **kwargs) -> PolicyLossOutput:
+    def forward(self, targets, mask, advantages=None, *, cu_seqlens=None, **kwargs) -> PolicyLossOutput:
+        """`policy_loss`'s arguments after the config; cu_seqlens: packed sequences, as there."""
         kwargs.setdefault("impl", self.impl)
         kwargs.setdefault("memory", self.memory)
         for name, value in self.sampler.items():
             kwargs.setdefault(name, value)
-        return policy_loss(self.config, targets, mask, advantages, **self.shard, **kwargs)
+        return policy_loss(self.config, targets, mask, advantages, **self.shard, cu_seqlens=cu_seqlens, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, impl={self.impl!r}"

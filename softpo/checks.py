@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import objectives, sampling, vocab_parallel
 from .config import LossConfig
+from .packing import PackedLayout, segment_sums
 from .sweep import SWEEP_DTYPES, accumulation_dtype
 
 IMPLS = ("auto", "torch", "triton")
@@ -226,7 +227,8 @@ class LossInputs:
     """policy_loss's inputs after validation: per-token tensors in the objective's dtype, mask bool,
     advantages [B, 1] or [B, T]; importance_sampling_ratio: the sampler weight, bounded, wherever it is known
     before the sweep (see `validate_loss_inputs`); valid_counts: each sequence's number of valid tokens (None under
-    torch.compile, which reads nothing back)."""
+    torch.compile, which reads nothing back); layout: for packed sequences, the map between the sweep's packed
+    rows and this [S, T] layout (`rows`, `grid`), else None."""
 
     mask: torch.Tensor
     advantages: torch.Tensor | None
@@ -240,8 +242,13 @@ class LossInputs:
     path: str
     flat_memory: bool
     valid_counts: list[int] | None
+    layout: PackedLayout | None = None
     transform: sampling.SamplerTransform = sampling.SamplerTransform()
     batch_invariant: bool = False
+    row_mask: torch.Tensor = field(init=False)  # the mask in the sweep's row order, [N]
+
+    def __post_init__(self):
+        self.row_mask = self.rows(self.mask)
 
     @property
     def valid_count(self) -> int | None:
@@ -250,47 +257,89 @@ class LossInputs:
     @property
     def every_token_valid(self) -> bool:
         # Under torch.compile (no counts) False, the answer that is right whatever the mask holds.
-        return self.valid_count == self.mask.numel()
+        return self.valid_count == (self.mask.numel() if self.layout is None else self.layout.total)
+
+    def rows(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The objective's [B, T] (or [B, 1]) layout -> the sweep's rows [N]: flattened, or packed."""
+        if tensor is None:
+            return None
+        if self.layout is not None:
+            return self.layout.to_rows(tensor)
+        return tensor.expand(self.mask.shape).reshape(-1)
+
+    def grid(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The sweep's rows [N] -> the objective's [B, T] (zeros between packed sequences); differentiable."""
+        if rows is None:
+            return None
+        return rows.view(self.mask.shape) if self.layout is None else self.layout.to_padded(rows)
+
 
 
 def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logits, old_logp, ref_logp,
                          rollout_logp, importance_sampling_ratio, rewards, q0, temperature, normalizer, impl, memory,
-                         check_targets, sampler=None, batch_invariant=False) -> LossInputs:
-    """Every check of policy_loss's inputs; value checks and the valid-token counts read in one host sync."""
+                         check_targets, cu_seqlens=None, sampler=None, batch_invariant=False) -> LossInputs:
+    """Every check of policy_loss's inputs; value checks and the valid-token counts read in one host sync.
+
+    With cu_seqlens the inputs are packed (`check_packed`); they leave in the padded [S, T] layout, with the
+    map back to the packed rows (`LossInputs.layout`)."""
     check_config(config)
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+    packed = cu_seqlens is not None
+    if not packed and (not isinstance(targets, torch.Tensor) or targets.dim() != 2):
         raise ValueError(f"targets must be a [B, T] integer tensor, got {getattr(targets, 'shape', type(targets))}")
+    if packed:
+        check_packed(config, cu_seqlens, targets)
     V = check_sweep_inputs(targets, hidden, weight, logits)
     flat_memory = check_memory(memory)
-    B, T = targets.shape
     device = targets.device
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
-        raise ValueError(f"mask must have shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
+        raise ValueError(f"mask must have shape {tuple(targets.shape)}, got {tuple(getattr(mask, 'shape', ()))}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but targets is on {device}")
     checks = DeferredChecks()
+    if packed:
+        # Per-token inputs [total] (or [1, total]: read as [total]), per-sequence ones [S].
+        B, T = cu_seqlens.numel() - 1, None
+        tokens, tokens_text = (targets.numel(),), f"[total] = {(targets.numel(),)}"
+        targets, mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio = (
+            _packed_rows(t, tokens) for t in
+            (targets, mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio))
+        check_cu_values(checks, cu_seqlens, targets.numel())
+    else:
+        B, T = targets.shape
+        tokens, tokens_text = (B, T), None
     if mask.dtype != torch.bool:
         checks.add("mask must be boolean or hold only 0 and 1", ((mask != 0) & (mask != 1)).any())
         mask = mask != 0
     if check_targets:
         check_target_range(checks, targets, V, where=mask)
+    if packed and isinstance(temperature, torch.Tensor) and tuple(temperature.shape) == (B,) != tokens:
+        # One temperature per packed sequence: spread over its rows (no host sync: the total is known).
+        temperature = torch.repeat_interleave(temperature, cu_seqlens.long().diff(), output_size=tokens[0])
     temperature, transform = check_sampler(checks, targets, temperature, sampler or {}, where=mask,
                                            dtype=accumulation_dtype((logits if logits is not None else hidden).dtype))
     path = resolve_impl(impl, device, (logits if logits is not None else hidden).dtype)
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
     dtype = accumulation_dtype((logits if logits is not None else hidden).dtype)
-    old_logp = check_per_token(checks, "old_logp", old_logp, (B, T), device, mask=mask, dtype=dtype)
-    ref_logp = check_per_token(checks, "ref_logp", ref_logp, (B, T), device, mask=mask, dtype=dtype,
-                               required=_why_ref_logp(config))
-    rollout_logp = check_per_token(checks, "rollout_logp", rollout_logp, (B, T), device, mask=mask, dtype=dtype)
+    old_logp = check_per_token(checks, "old_logp", old_logp, tokens, device, mask=mask, dtype=dtype,
+                               shape_text=tokens_text)
+    ref_logp = check_per_token(checks, "ref_logp", ref_logp, tokens, device, mask=mask, dtype=dtype,
+                               required=_why_ref_logp(config), shape_text=tokens_text)
+    rollout_logp = check_per_token(checks, "rollout_logp", rollout_logp, tokens, device, mask=mask, dtype=dtype,
+                                   shape_text=tokens_text)
     if importance_sampling_ratio is not None:
-        per_token = getattr(importance_sampling_ratio, "shape", (None, None))[-1] != 1 or T == 1
+        if packed:
+            per_token = tuple(getattr(importance_sampling_ratio, "shape", ())) != (B,)
+        else:
+            per_token = getattr(importance_sampling_ratio, "shape", (None, None))[-1] != 1 or T == 1
         importance_sampling_ratio = check_per_token(
-            checks, "importance_sampling_ratio", importance_sampling_ratio, (B, T) if per_token else (B, 1), device,
-            mask=mask if per_token else None, dtype=dtype,
+            checks, "importance_sampling_ratio", importance_sampling_ratio, tokens if per_token else
+            ((B,) if packed else (B, 1)), device, mask=mask if per_token else None, dtype=dtype,
+            shape_text=f"[total] = {tokens} or [S] = {(B,)}" if packed else None,
         )
         checks.add("importance_sampling_ratio must be >= 0", (importance_sampling_ratio < 0).any())
+        if packed and not per_token:
+            importance_sampling_ratio = importance_sampling_ratio.unsqueeze(-1)
     if config.objective == "spo":
         rewards = check_per_token(checks, "rewards", rewards, (B,), device, dtype=dtype,
                                   required="SPO regresses each sequence's Q onto its reward")
@@ -301,10 +350,11 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
     else:
         if not isinstance(advantages, torch.Tensor):
             raise ValueError(f"advantages ([B] or [B, T] tensor) is required for the {config.name!r} objective")
-        per_sequence = advantages.dim() == 1
+        per_sequence = tuple(advantages.shape) == (B,) if packed else advantages.dim() == 1
         advantages = check_per_token(
-            checks, "advantages", advantages, (B,) if per_sequence else (B, T), device,
-            mask=None if per_sequence else mask, dtype=dtype, shape_text=f"[B] = {(B,)} or [B, T] = {(B, T)}",
+            checks, "advantages", advantages, (B,) if per_sequence else tokens, device,
+            mask=None if per_sequence else mask, dtype=dtype,
+            shape_text=f"[S] = {(B,)} or [total] = {tokens}" if packed else f"[B] = {(B,)} or [B, T] = {(B, T)}",
         )
         # One column per sequence: every later use broadcasts it over the sequence's tokens.
         advantages = advantages.unsqueeze(-1) if per_sequence else advantages
@@ -315,13 +365,67 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
         checks.add(f"normalizer must be a finite number > 0, got {normalizer!r}",
                    ~(torch.isfinite(value) & (value > 0)).to(device))
     # The same sync reads how many tokens each sequence has: the sweeps' row order and tiles need no other.
-    valid_counts = checks.run(mask.sum(-1))
+    layout = None
+    if packed:
+        # ... and the packed sequences' boundaries, which the padded layout's shape needs.
+        layout, valid_counts = _packed_layout(cu_seqlens, checks.run(
+            torch.cat([segment_sums(mask.long(), cu_seqlens), cu_seqlens.long()])))
+        # The objective's layout: per-token inputs (1-D) padded, per-sequence ones ([S], [S, 1]) as they are.
+        mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio = (
+            t if t is None or t.dim() != 1 else layout.to_padded(t) for t in
+            (mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio))
+    else:
+        valid_counts = checks.run(mask.sum(-1))
     if config.objective != "spo" and (old_logp is not None or rollout_logp is None):
         # The sampler weight, built once (without old_logp the objective builds it from logp, after the sweep).
         importance_sampling_ratio = objectives.sampler_weights(config, old_logp, mask, rollout_logp,
                                                                importance_sampling_ratio)
     return LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, importance_sampling_ratio, rewards, q0,
-                      temperature, path, flat_memory, valid_counts, transform, bool(batch_invariant))
+                      temperature, path, flat_memory, valid_counts, layout, transform, bool(batch_invariant))
+
+
+def check_packed(config, cu_seqlens, targets) -> None:
+    """The checks of packed inputs that need no value: cu_seqlens' dtype, shape and device, targets' shape."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be an int32 or int64 tensor, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [S + 1], got shape {tuple(cu_seqlens.shape)}")
+    if not isinstance(targets, torch.Tensor) or not (targets.dim() == 1 or targets.dim() == 2 and len(targets) == 1):
+        raise ValueError(f"targets must be a [total] or [1, total] integer tensor with cu_seqlens, got "
+                         f"{getattr(targets, 'shape', type(targets))}")
+    if cu_seqlens.device != targets.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
+    if config.loss_aggregation == "seq-mean-token-sum-norm" and config.max_completion_length is None:
+        raise ValueError(
+            "config.max_completion_length is required with cu_seqlens for loss_aggregation='seq-mean-token-sum-norm'"
+            " (Dr.GRPO): its sum is divided by the completion length, which the longest packed sequence is not"
+        )
+
+
+def check_cu_values(checks, cu_seqlens, total: int) -> None:
+    """cu_seqlens' values, read in the one sync: 0 first, non-decreasing, `total` last."""
+    cu = cu_seqlens.long()
+    checks.add(lambda: f"cu_seqlens must start at 0, got {cu[0].item()}", cu[0] != 0)
+    checks.add("cu_seqlens must be non-decreasing", (cu.diff() < 0).any())
+    checks.add(lambda: f"cu_seqlens must end at the number of tokens, {total}, got {cu[-1].item()}", cu[-1] != total)
+
+
+def _packed_rows(tensor, tokens):
+    """[1, total] -> [total]; anything else as given (its shape is checked next)."""
+    if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[0] == 1 and \
+            (tensor.shape[1],) == tokens:
+        return tensor.reshape(tokens)
+    return tensor
+
+
+def _packed_layout(cu_seqlens, values):
+    """(layout, each sequence's valid-token count or None) from the sync's values: S counts, then cu_seqlens.
+
+    Under torch.compile nothing was read back; the boundaries are then read here (a graph break)."""
+    S = cu_seqlens.numel() - 1
+    counts, bounds = (None, cu_seqlens.tolist()) if values is None else (values[:S], values[S:])
+    return PackedLayout(cu_seqlens, [b - a for a, b in zip(bounds, bounds[1:])]), counts
 
 
 def validate_logprob_inputs(targets, hidden, weight, logits, temperature, memory, impl, inplace_backward,

@@ -69,7 +69,8 @@ class LossConfig:
         sampler (rollout_logp, else old_logp) and the current policy exceeds this (None = off).
     compute_entropy: compute entropy for the metrics even when `entropy_coef` is 0.
     loss_aggregation: how per-token terms become a scalar ("token-sum": the plain masked sum).
-    max_completion_length: the constant of "seq-mean-token-sum-norm" (Dr.GRPO); None = T.
+    max_completion_length: the constant of "seq-mean-token-sum-norm" (Dr.GRPO), as TRL's field of that name;
+        None = T, the padded width (packed sequences, `cu_seqlens=`, have none and need it set).
     vllm_importance_sampling_mode, vllm_importance_sampling_cap, vllm_importance_sampling_clip_min:
         rollout/trainer mismatch correction, applied when `rollout_logp` is given: the weight is clipped
         to (truncate modes) or zeroed outside (mask modes) [clip_min, cap]; None = no bound on that side.

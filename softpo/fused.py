@@ -10,16 +10,48 @@ epilogue's arguments for a config).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.autograd.function import once_differentiable
-
-import dataclasses
 
 from . import sampling, tiles, vocab_parallel
 from .config import LossConfig
 from .kernels import logits as logits_sweep, terms as token_epilogue
 from .rows import chunks, put, take, valid_first
 from .sweep import Sweep, on_device, per_token
+
+
+def _forward_outputs(ctx, sweep: Sweep, rows, outputs, sampler: tiles.TileSampler, *inputs):
+    """The log-prob Functions' forward tail: a vocabulary shard's results combined over its group, `inputs`
+    then (lse, entropy, coef, logp) saved, the sampler kept for the backward (`ctx.sampler`), and (out,
+    entropy, logp) returned, out being logp or the terms."""
+    logp, lse, entropy, term, coef = outputs
+    if sweep.shard is not None:
+        logp, lse, entropy, lse_low = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows,
+                                                             sampler.lse_low)
+        sampler = dataclasses.replace(sampler, lse_low=lse_low)
+    ctx.save_for_backward(*inputs, lse, entropy, coef, logp)
+    ctx.sampler = sampler
+    if term is None:
+        return logp, entropy, None
+    ctx.mark_non_differentiable(logp)
+    return term, entropy, logp
+
+
+def _scale_formed_(ctx, g_surrogate, *gradients):
+    """Gradients formed in the forward, scaled in place by the surrogate's incoming gradient (read on the
+    device: nothing is read or written when it is 1, the usual `loss.backward()`), so no second copy is
+    made. Scaled once, they cannot serve a second backward, which is refused."""
+    if ctx.spent:
+        raise RuntimeError(
+            "the gradient formed in the forward was scaled in place by the first backward; a second backward "
+            "through the same policy_loss call (retain_graph=True) is not supported on this route: call "
+            "policy_loss again, or pass inputs that do not require grad for one of the two"
+        )
+    ctx.spent = True
+    g = g_surrogate.detach().float()
+    return [None if d is None else logits_sweep.scale_(d, g) for d in gradients]
 
 
 def _grad_logp(g_out, coef, like, logp=None):
@@ -77,18 +109,9 @@ class HiddenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, sweep: Sweep):
         # An unused entropy output then arrives as None and its gradient term is skipped.
         ctx.set_materialize_grads(False)
-        rows, (logp, lse, entropy, term, coef), sampler = tiles.hidden_forward(hidden, weight, sweep)
-        if sweep.shard is not None:
-            logp, lse, entropy, lse_low = vocab_parallel.combine(sweep.shard, logp, lse, entropy, sweep.targets, rows,
-                                                                 sampler.lse_low)
-            sampler = dataclasses.replace(sampler, lse_low=lse_low)
-        ctx.save_for_backward(hidden, weight, sweep.targets, rows, lse, entropy, coef, logp)
+        rows, outputs, sampler = tiles.hidden_forward(hidden, weight, sweep)
         ctx.sweep = sweep
-        ctx.sampler = sampler
-        if term is None:
-            return logp, entropy, None
-        ctx.mark_non_differentiable(logp)
-        return term, entropy, logp
+        return _forward_outputs(ctx, sweep, rows, outputs, sampler, hidden, weight, sweep.targets, rows)
 
     @staticmethod
     @once_differentiable
@@ -128,6 +151,7 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
             hidden, weight, sweep, tiled, tile_gradients, need_hidden, need_weight)
         logp, lse, entropy, term, _ = outputs
         ctx.weight_in_backward = sweep.flat_memory and need_weight
+        ctx.spent = False
         if ctx.weight_in_backward:
             ctx.sampler = sampler
             g_logp = _grad_logp(g_logp, None, lse, logp)
@@ -142,15 +166,15 @@ class HiddenGradientInForwardFunction(torch.autograd.Function):
     def backward(ctx, g_surrogate, *_):
         if g_surrogate is None:
             return None, None, None, None, None
-        scale = lambda d: None if d is None else d * g_surrogate.to(d.dtype)  # noqa: E731
         if not ctx.weight_in_backward:
-            d_hidden, d_weight = ctx.saved_tensors
-            return scale(d_hidden), scale(d_weight), None, None, None
+            d_hidden, d_weight = _scale_formed_(ctx, g_surrogate, *ctx.saved_tensors)
+            return d_hidden, d_weight, None, None, None
         d_hidden, hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy = ctx.saved_tensors
         # The per-token gradients take the scale, so the vocabulary-major pass writes d weight final.
-        _, d_weight = tiles._hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, scale(g_logp),
-                                                  scale(g_entropy), ctx.sampler, False, True)
-        return scale(d_hidden), d_weight, None, None, None
+        d_hidden, g_logp, g_entropy = _scale_formed_(ctx, g_surrogate, d_hidden, g_logp, g_entropy)
+        _, d_weight = tiles._hidden_backward_flat(hidden, weight, targets, rows, lse, entropy, g_logp, g_entropy,
+                                                  ctx.sampler, False, True)
+        return d_hidden, d_weight, None, None, None
 
 
 class LogitsLogprobFunction(torch.autograd.Function):
@@ -160,22 +184,14 @@ class LogitsLogprobFunction(torch.autograd.Function):
     def forward(ctx, logits, sweep: Sweep):
         ctx.set_materialize_grads(False)
         sampler = _logits_sampler(logits, sweep)
-        logp, lse, entropy, term, coef = logits_sweep.logits_logprob_fwd(
+        outputs = logits_sweep.logits_logprob_fwd(
             logits, sweep.targets, row_idx=sweep.row_idx, n_valid=sweep.n_valid,
             return_entropy=sweep.return_entropy, terms=sweep.terms, **sampler.kernel_kwargs(slice(None)),
         )
-        if sweep.shard is not None:
-            logp, lse, entropy, lse_low = vocab_parallel.combine(
-                sweep.shard, logp, lse, entropy, sweep.targets, tiles._valid_rows(sweep), sampler.lse_low
-            )
-            sampler = dataclasses.replace(sampler, lse_low=lse_low)
-        ctx.save_for_backward(logits, sweep.targets, sweep.row_idx, sweep.n_valid, lse, entropy, coef, logp)
-        ctx.sampler = sampler
         ctx.inplace = sweep.inplace_backward
-        if term is None:
-            return logp, entropy, None
-        ctx.mark_non_differentiable(logp)
-        return term, entropy, logp
+        rows = None if sweep.shard is None else tiles._valid_rows(sweep)
+        return _forward_outputs(ctx, sweep, rows, outputs, sampler, logits, sweep.targets, sweep.row_idx,
+                                sweep.n_valid)
 
     @staticmethod
     @once_differentiable
@@ -221,20 +237,8 @@ class LogitsGradientInForwardFunction(torch.autograd.Function):
     def backward(ctx, g_surrogate, *_):
         if g_surrogate is None:
             return None, None, None, None
-        if ctx.spent:
-            raise RuntimeError(
-                "the logits' gradient formed in the forward was scaled in place by the first backward; a second "
-                "backward through the same policy_loss call (retain_graph=True) is not supported on this route: "
-                "call policy_loss again, or pass logits that do not require grad for one of the two"
-            )
-        ctx.spent = True
-        (d_logits,) = ctx.saved_tensors
-        return logits_sweep.scale_(d_logits, g_surrogate.detach().float()), None, None, None
-
-
-def _apply(function, x, *args):
-    with on_device(x):
-        return function.apply(x, *args)
+        (d_logits,) = _scale_formed_(ctx, g_surrogate, *ctx.saved_tensors)
+        return d_logits, None, None, None
 
 
 def _temperature(temperature):
@@ -322,9 +326,10 @@ def _logprob_sweep(targets, valid, hidden, weight, logits, **settings):
     assert (logits is None) != (hidden is None or weight is None), "logits, or hidden and weight"
     assert not settings.get("inplace_backward") or logits is not None, "inplace_backward is the logits path's"
     sweep = _sweep(targets, valid, **settings)
-    if logits is not None:
-        return _apply(LogitsLogprobFunction, logits, sweep)
-    return _apply(HiddenLogprobFunction, hidden, weight, sweep)
+    with on_device(targets):
+        if logits is not None:
+            return LogitsLogprobFunction.apply(logits, sweep)
+        return HiddenLogprobFunction.apply(hidden, weight, sweep)
 
 
 def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, weight, temperature, return_entropy,
@@ -340,10 +345,10 @@ def hidden_loss_in_forward(targets, valid, tiled, tile_gradients, *, hidden, wei
     """
     sweep = _sweep(targets, valid, valid_count, temperature=_temperature(temperature),
                    return_entropy=bool(return_entropy), terms=terms, flat_memory=bool(flat_memory),
-                   transform=transform,
-                   batch_invariant=bool(batch_invariant))
-    surrogate, entropy, logp, term = _apply(HiddenGradientInForwardFunction, hidden, weight, sweep, tiled,
-                                            tile_gradients)
+                   transform=transform, batch_invariant=bool(batch_invariant))
+    with on_device(hidden):
+        surrogate, entropy, logp, term = HiddenGradientInForwardFunction.apply(hidden, weight, sweep, tiled,
+                                                                               tile_gradients)
     return surrogate, term, logp, entropy
 
 
@@ -354,8 +359,9 @@ def logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, *, logits, 
     (objectives.loss_weights). Returns (surrogate, terms, logp, entropy or None) as `hidden_loss_in_forward`."""
     sweep = _sweep(targets, valid, temperature=_temperature(temperature), return_entropy=bool(return_entropy),
                    terms=terms, transform=transform, batch_invariant=bool(batch_invariant))
-    surrogate, entropy, logp, term = _apply(LogitsGradientInForwardFunction, logits, sweep, per_token(w_term),
-                                            per_token(w_entropy))
+    with on_device(logits):
+        surrogate, entropy, logp, term = LogitsGradientInForwardFunction.apply(logits, sweep, per_token(w_term),
+                                                                               per_token(w_entropy))
     return surrogate, term, logp, entropy
 
 

@@ -55,8 +55,9 @@ def choose(config, inputs: LossInputs, hidden, weight, logits, shard):
             return PLAIN, None
         return (GRADIENT if wants_grad and not (logits is not None and inputs.flat_memory) else TERMS), None
     if hidden is not None and wants_grad and config.top_entropy_quantile == 1:
-        B, T = inputs.mask.shape
-        tiles = _triton()[1].sequence_tiles(inputs.mask.reshape(-1), T, weight.shape[0], hidden.element_size(),
+        # Packed sequences are contiguous ranges of rows too, in order; their tiles need the counts read.
+        T = inputs.mask.shape[1]
+        tiles = _triton()[1].sequence_tiles(inputs.row_mask, T, weight.shape[0], hidden.element_size(),
                                             inputs.flat_memory, counts=inputs.valid_counts)
         if tiles is not None:
             return SEQUENCE_GRADIENT, tiles
@@ -101,7 +102,7 @@ def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logit
     given, carries the loss's gradient formed in the forward; terms, when given, are the epilogue's.
     """
     need_entropy = config.needs_entropy
-    valid = None if inputs.every_token_valid else inputs.mask.reshape(-1)
+    valid = None if inputs.every_token_valid else inputs.row_mask
     sweep = dict(hidden=hidden, weight=weight, temperature=inputs.temperature, transform=inputs.transform,
                  batch_invariant=inputs.batch_invariant)
     if route == PLAIN:
@@ -123,8 +124,8 @@ def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logit
             config, targets, valid, logits=logits, return_entropy=need_entropy, valid_count=inputs.valid_count,
             flat_memory=inputs.flat_memory, **sweep, **per_token)
         return None, terms, logp, entropy
-    w_term, w_entropy = (None if w is None else w.reshape(-1)
-                         for w in objectives.loss_weights(config, inputs.mask, normalizer, entropy=need_entropy))
+    w_term, w_entropy = (inputs.rows(w) for w in objectives.loss_weights(config, inputs.mask, normalizer,
+                                                                         entropy=need_entropy))
     terms = fused.terms_args(config, **per_token)
     if logits is not None:
         return fused.logits_loss_in_forward(targets, valid, terms, w_term, w_entropy, logits=logits,
@@ -143,8 +144,7 @@ def run(route, tiles, config, inputs: LossInputs, targets, hidden, weight, logit
 def _per_token_inputs(inputs: LossInputs):
     """The epilogue's per-token inputs, flat [N]. The sampler weight arrives bounded (`LossInputs`), so the
     epilogue uses it as given."""
-    B, T = inputs.mask.shape
-    flat = lambda t: None if t is None else t.expand(B, T).reshape(-1)  # noqa: E731
+    flat = inputs.rows
     return dict(advantages=flat(inputs.advantages), old_logp=flat(inputs.old_logp), ref_logp=flat(inputs.ref_logp),
                 is_weight=flat(inputs.importance_sampling_ratio), is_weight_as_given=True)
 
@@ -157,10 +157,8 @@ def _sequence_tile_gradients(config, inputs: LossInputs, normalizer, entropy_gat
     the mask), so the tile's gradient is the same whatever the log-probs of the other sequences hold: they
     stay at a finite stand-in (old_logp, or 0) and the objective is evaluated on the whole batch.
     """
-    B, T = inputs.mask.shape
-    stand_in = inputs.old_logp if inputs.old_logp is not None else torch.zeros(B, T, dtype=dtype,
-                                                                               device=inputs.mask.device)
-    stand_in = stand_in.reshape(-1)
+    stand_in = inputs.rows(inputs.old_logp) if inputs.old_logp is not None else \
+        torch.zeros(inputs.row_mask.shape, dtype=dtype, device=inputs.mask.device)
     # Entropy computed for the metrics only (entropy_coef 0) has no gradient to give.
     entropy_in_loss = config.entropy_coef != 0
 
@@ -173,8 +171,8 @@ def _sequence_tile_gradients(config, inputs: LossInputs, normalizer, entropy_gat
             if entropy_in_loss:
                 tile_entropy = entropy[idx].to(stand_in.dtype).requires_grad_()
                 leaves.append(tile_entropy)
-                full_entropy = torch.zeros_like(stand_in).index_put((idx,), tile_entropy).view(B, T)
-            full_logp = stand_in.index_put((idx,), tile_logp).view(B, T)
+                full_entropy = inputs.grid(torch.zeros_like(stand_in).index_put((idx,), tile_entropy))
+            full_logp = inputs.grid(stand_in.index_put((idx,), tile_logp))
             loss, _ = objectives.objective_loss(
                 config, full_logp, inputs.mask, inputs.advantages,
                 old_logp=inputs.old_logp, ref_logp=inputs.ref_logp, rollout_logp=inputs.rollout_logp,

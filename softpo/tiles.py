@@ -132,10 +132,11 @@ def _tiles_over(hidden, weight, indices, max_rows, block=None):
 def sequence_tiles(valid, seq_len: int, V: int, element_size: int, flat_memory: bool = False,
                    counts: list[int] | None = None):
     """Tiles of whole sequences for the gradient-in-forward route of sequence-level objectives: positions of
-    the valid tokens of consecutive sequences (rows of [B, seq_len]), as many as fit one tile (TILE_BYTES,
-    or FLAT_TILE_BYTES with flat_memory). None when one sequence alone exceeds a tile; then the objective
-    needs the two-pass route. counts: each sequence's number of valid tokens when the caller has read them
-    (no host sync here), else read here."""
+    the valid tokens of consecutive sequences (rows of [B, seq_len], or packed sequences back to back), as
+    many as fit one tile (TILE_BYTES, or FLAT_TILE_BYTES with flat_memory). None when one sequence alone
+    exceeds a tile; then the objective needs the two-pass route. counts: each sequence's number of valid
+    tokens when the caller has read them (no host sync here), else read here from rows of seq_len (packed
+    sequences need them given)."""
     N = valid.numel()
     if counts is None:
         rows = valid.nonzero().squeeze(-1)

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from softpo import bench
+from softpo.bench import cases, harness, providers, report
 
 RESULT_KEYS = {
     "time_median_s", "time_q25_s", "time_q75_s", "time_min_s", "time_max_s", "n_samples", "first_call_s",
@@ -92,37 +93,33 @@ def test_resumed_piece_keeps_the_cases_of_earlier_pieces(tmp_path):
 
 
 def test_failing_provider_recorded_as_error():
-    providers = bench.load_providers(bench.find_bench_dir())
-
-    class Broken(providers.Provider):
+    class Broken(cases.Provider):
         name = "broken"
 
         def build(self, case, inputs):
             raise RuntimeError("cannot run this case")
 
-    case = providers.case_set("tiny")[0]
-    result = bench.measure_safely(providers, case, Broken(), "cpu", target_s=0.01, min_samples=1, max_samples=1)
+    case = cases.case_set("tiny")[0]
+    result = harness.measure_safely(case, Broken(), "cpu", target_s=0.01, min_samples=1, max_samples=1)
     assert result["status"] == "error" and "cannot run this case" in result["reason"]
 
 
 def test_isolated_worker():
-    providers = bench.load_providers(bench.find_bench_dir())
-    case = providers.case_set("tiny")[1]
-    spec = {"bench_dir": str(bench.find_bench_dir()), "case": case.to_dict(), "provider": "torch-eager",
+    case = cases.case_set("tiny")[1]
+    spec = {"case": case.to_dict(), "provider": "torch-eager",
             "device": "cpu", "measure": {"target_s": 0.01, "min_samples": 2, "max_samples": 2}}
-    result = bench.run_isolated(spec, timeout_s=120)
+    result = harness.run_isolated(spec, timeout_s=120)
     assert result["status"] == "ok", result
     # The logits' gradient alone is N x V fp32; the call's peak above the inputs cannot be below it.
     assert result["peak_mem_bytes"] >= case.N * case.V * 4
 
 
 def test_plot_and_table_from_a_sweep(tmp_path):
-    providers = bench.load_providers(bench.find_bench_dir())
-    cases = [providers.Case("hidden", "fwdbwd", "sapo", False, B, 8, 100, H=16, dtype="fp32") for B in (2, 4)]
+    sweep = [cases.Case("hidden", "fwdbwd", "sapo", False, B, 8, 100, H=16, dtype="fp32") for B in (2, 4)]
     results = [
         {"case": c.id, "provider": p, "status": "ok", "reason": None, "time_median_s": 1e-3 * c.B,
          "time_q25_s": 1e-3, "time_q75_s": 2e-3, "peak_mem_bytes": 2**20 * c.B, "ceiling_fraction": 0.1}
-        for c in cases for p in ("softpo-torch", "torch-eager")
+        for c in sweep for p in ("softpo-torch", "torch-eager")
     ]
     doc = {
         "device": {"type": "cpu", "name": "test cpu"}, "versions": {"torch": "x"}, "date": "2026-01-01T00:00:00",
@@ -131,12 +128,12 @@ def test_plot_and_table_from_a_sweep(tmp_path):
                      "copy_bytes_per_s": 1e9},
         "timing": {"method": "perf_counter"},
         "providers": {"softpo-torch": {"recomputes_logits": True}, "torch-eager": {}},
-        "cases": [c.to_dict() for c in cases], "results": results,
+        "cases": [c.to_dict() for c in sweep], "results": results,
     }
-    (png,) = bench.plot(doc, tmp_path, "t")
+    (png,) = report.plot(doc, tmp_path, "t")
     assert png.stat().st_size > 1000
-    table = bench.markdown(doc)
-    assert cases[0].id in table and "| softpo-torch* |" in table
+    table = report.markdown(doc)
+    assert sweep[0].id in table and "| softpo-torch* |" in table
 
 
 @pytest.mark.parametrize("path", ["hidden", "logits"])
@@ -147,15 +144,14 @@ def test_providers_compute_the_same_gradients(path, objective, entropy):
     of torch eager (materialized logits + softpo.objectives) on the same inputs."""
     import torch
 
-    providers = bench.load_providers(bench.find_bench_dir())
-    case = providers.Case(path, "fwdbwd", objective, entropy, 2, 16, 50, H=8 if path == "hidden" else 0,
+    case = cases.Case(path, "fwdbwd", objective, entropy, 2, 16, 50, H=8 if path == "hidden" else 0,
                           dtype="fp32")
     grads = {}
     for name, provider in providers.PROVIDERS.items():
         # The compiled providers cost a compile per case here; tests/test_compile.py covers softpo's.
         if name in ("torch-compile", "softpo-compile") or provider.skip_reason(case, "cpu"):
             continue
-        inputs = providers.make_inputs(case, "cpu")
+        inputs = cases.make_inputs(case, "cpu")
         provider.build(case, inputs)()
         grads[name] = [leaf.grad for leaf in inputs["leaves"]]
     ref = grads.pop("torch-eager")
@@ -181,22 +177,11 @@ def test_vocab_parallel_record(tmp_path):
     assert bench.main(["--vocab-parallel", "2", "--vp-shape", "16,8", "--out", str(tmp_path)]) == 2
 
 
-def test_without_the_bench_folder_says_what_to_do(tmp_path, capsys):
-    """From a regular install (no source tree) the command says in one line where the cases live."""
-    assert bench.main(["--tiny", "--device", "cpu", "--bench-dir", str(tmp_path)]) == 2
-    message = capsys.readouterr().err.strip()
-    assert len(message.splitlines()) == 1 and "--bench-dir" in message and "source checkout" in message
-
-
 def test_profile_step_writes_a_kernel_breakdown(tmp_path):
-    """bench/profile_step.py (issue 15's S1 profile) on a CPU-sized case: a record whose parts add up."""
-    import importlib.util
-    import pathlib
+    """`python -m softpo.bench.profile_step` (where a hidden SAPO step's time goes) on a CPU-sized case: a
+    record whose parts add up."""
+    from softpo.bench import profile_step
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", path)
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
     assert profile_step.main(["--device", "cpu", "--out", str(tmp_path), "--N", "128", "--T", "64", "--H", "32",
                               "--V", "500", "--dtype", "fp32", "--steps", "2"]) == 0
     (record,) = tmp_path.glob("cpu-*-profile-hidden-fwdbwd-sapo-N128-*.json")
@@ -208,3 +193,68 @@ def test_profile_step_writes_a_kernel_breakdown(tmp_path):
                                       for k in doc["top_kernels"])
     assert profile_step.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_step.kind_of("_logits_fwd_kernel") == "sweep"
+
+
+def test_unavailable_providers_reported_once_with_the_install_command(tmp_path, capsys, monkeypatch):
+    """A peer that is not installed is named once, at the start, with the command that installs it, and
+    recorded as skipped for every case; no line per (case, provider) says so."""
+    from softpo.bench import cases as cases_module
+
+    real = cases_module.missing_module
+    monkeypatch.setattr(cases_module, "missing_module", lambda module: module == "trl" or real(module))
+    assert bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-plots",
+                       "--target-seconds", "0.01", "--min-samples", "1"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "not installed" in line]
+    assert line.count("trl") == 2 and providers.install_command() in line
+    (cuda_line,) = [line for line in out.splitlines() if "need CUDA" in line]
+    assert "softpo-triton" in cuda_line and "liger-triton" in cuda_line
+    assert not [line for line in out.splitlines() if line.strip().startswith("skipped")]
+    (path,) = tmp_path.glob("cpu-*-tiny.json")
+    doc = json.loads(path.read_text())
+    trl = [r for r in doc["results"] if r["provider"] == "trl"]
+    assert len(trl) == len(doc["cases"]) and all(r["status"] == "skipped" and "not installed" in r["reason"]
+                                                  for r in trl)
+
+
+def test_install_command_names_the_bench_extra(tmp_path, monkeypatch):
+    import softpo
+
+    monkeypatch.chdir(tmp_path)
+    root = __import__("pathlib").Path(softpo.__file__).resolve().parents[1]
+    expected = f'pip install -e "{root}[bench]"' if (root / "setup.py").is_file() else 'pip install "softpo[bench]"'
+    assert providers.install_command() == expected
+
+
+def test_tiny_runs_as_a_command(tmp_path):
+    """`python -m softpo.bench --tiny --device cpu` from outside the checkout: a record, exit status 0."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "softpo.bench", "--tiny", "--device", "cpu", "--out", "results",
+                           "--no-plots"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = (tmp_path / "results").glob("cpu-*-tiny.json")
+    assert json.loads(path.read_text())["complete"] is True
+
+
+def test_package_imports_without_loading_by_file_path():
+    """The harness is a plain package: every module imports by name, none loads code from a file path,
+    and no module of it imports the package's own command line back (no cycle)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(bench.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert not names & {"spec_from_file_location", "exec_module"}, path.name
+        assert "sys.path" not in path.read_text(), path.name
+        if path.name not in ("__init__.py", "__main__.py"):
+            imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+            assert "command" not in imports or path.name == "command.py", path.name
+    for name in ("cases", "peers", "providers", "harness", "report", "vocab_parallel", "profile_step", "command"):
+        __import__(f"softpo.bench.{name}")
+    assert callable(bench.main)

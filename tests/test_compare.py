@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from softpo import compare
+from softpo.train import compare
 
 
 def test_quick_comparison_writes_results(tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_quick_comparison_writes_results(tmp_path, capsys):
             assert [r["step"] for r in rows] == [1, 2, 3, 4]
             assert not (out / "runs" / arm / f"seed{seed}" / "checkpoint.pt").exists()
     # R2 pins the routing; the other arms drift in this setting.
-    assert summary["grpo_r2"]["routing_drift_mean"] == 0
+    assert summary["grpo_routing_replay"]["routing_drift_mean"] == 0
     assert all(summary[arm]["routing_drift_mean"] > 0 for arm in ("sapo", "gspo", "grpo", "spo"))
     assert summary["sapo"]["gate_statistic"] == "gate_weight" and summary["grpo"]["gate_statistic"] == "clip_fraction"
     # Half-online generates fewer completions: its first step has nothing to replay, the rest half.
@@ -31,7 +31,7 @@ def test_quick_comparison_writes_results(tmp_path, capsys):
     assert (out / "rewards.png").stat().st_size > 0 and (out / "drift.png").stat().st_size > 0
     curves = json.loads((out / "curves.json").read_text())
     assert len(curves) == 12 and len(curves["sapo/seed0"]["reward_mean"]) == 4
-    assert curves["grpo_r2/seed1"]["routing_drift"] == [0, 0, 0, 0]
+    assert curves["grpo_routing_replay/seed1"]["routing_drift"] == [0, 0, 0, 0]
     assert "12 runs" in capsys.readouterr().out
     # A results folder is never overwritten.
     assert compare.main(["--quick", "--out", str(out)]) == 2

@@ -26,7 +26,7 @@ pytest.importorskip("trl")
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import softpo  # noqa: E402
-from softpo.integrations.trl import _add_softpo_head  # noqa: E402
+from softpo.integrations.trl import _softpo_forward  # noqa: E402
 from test_trl import VOCAB  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_worker.py")
@@ -91,17 +91,16 @@ def test_head_route_matches_direct_route(untied_dir, config):
     for zero3 in (False, True):
         model = Qwen2ForCausalLM.from_pretrained(untied_dir, dtype=torch.float32)
         logits = model(ids).logits
-        _add_softpo_head(model, zero3=zero3)
         head_calls = []
         model.lm_head.register_forward_hook(lambda module, args, output: head_calls.append(type(output)))
-        out, aux = model(ids, softpo_loss_fn=loss_fn)
+        out, aux = _softpo_forward(model, loss_fn, zero3, input_ids=ids)
         assert head_calls == ([tuple] if zero3 else [])
         loss = out.loss + 0.1 * aux
         params = dict(model.named_parameters())
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         results.append((loss.detach(), out.logp, dict(zip(params, grads))))
         # The head's forward has been patched by now (on the ZeRO-3 route); without the keyword it is the same.
-        assert torch.equal(model(ids).logits, logits), "the head's forward without softpo_loss_fn changed"
+        assert torch.equal(model(ids).logits, logits), "the forward outside softpo's call changed"
     (direct_loss, direct_logp, direct_grads), (head_loss, head_logp, head_grads) = results
     assert torch.equal(head_loss, direct_loss) and torch.equal(head_logp, direct_logp)
     for name, grad in direct_grads.items():

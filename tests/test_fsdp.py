@@ -15,7 +15,9 @@ import socket
 import pytest
 import torch
 
-from softpo import distributed, train
+from softpo import train
+from softpo.head import gathered_weight
+from softpo.train import checkpoint, flags, fsdp, policy
 
 from test_train import TINY, TIMING_KEYS, read_metrics
 
@@ -46,15 +48,15 @@ def _join_group(rank, world, port):
 
 def _train_worker(rank, world, port, argv, dump_dir):
     _join_group(rank, world, port)
-    original = train.save_checkpoint
+    original = checkpoint.save_checkpoint
 
     def save_and_dump(run_dir, step, model, *rest, **options):
         # A collective under FSDP2: every rank gathers, each writes its own copy.
-        full = {k: v.detach().clone() for k, v in distributed.full_state_dict(model).items()}
+        full = {k: v.detach().clone() for k, v in fsdp.full_state_dict(model).items()}
         torch.save(full, os.path.join(dump_dir, f"rank{rank}-step{step}.pt"))
         return original(run_dir, step, model, *rest, **options)
 
-    train.save_checkpoint = save_and_dump
+    checkpoint.save_checkpoint = save_and_dump
     if train.main(argv) != 0:
         raise SystemExit(1)
 
@@ -118,8 +120,8 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path, tie):
     _run(["--resume", str(split), "--steps", "3"], tmp_path / "dump-split")
 
     expected = _params(tmp_path / "dump-ddp", 3)
-    args = train.parse_args(common)
-    initial = train.build_model(args, train.build_tokenizer(args), torch.device("cpu")).state_dict()
+    args = flags.parse_args(common)
+    initial = policy.build_model(args, policy.build_tokenizer(args), torch.device("cpu")).state_dict()
     assert any(not torch.equal(initial[k], expected[k]) for k in expected), "three steps changed nothing"
     if tie:
         assert torch.equal(expected["lm_head.weight"], expected["model.embed_tokens.weight"])
@@ -156,7 +158,7 @@ def _gather_worker(rank, world, port, out_dir):
     torch.manual_seed(1 + rank)
     hidden, upstream = torch.randn(3, 5), torch.randn(3, 7)
     grads = {}
-    for name, gather in (("gathered", distributed.gathered_weight), ("full_tensor", lambda w: w.full_tensor())):
+    for name, gather in (("gathered", gathered_weight), ("full_tensor", lambda w: w.full_tensor())):
         head.weight.grad = None
         # The head's own forward never runs, so FSDP2 never gathers it: the loss gathers it.
         weight = gather(head.weight)
@@ -242,8 +244,8 @@ def _trl_worker(rank, world, port, model_dir, out_dir):
             processing_class=test_trl._tokenizer(),
         )
         trainer.train()
-        results[name] = {k: v.detach().clone() for k, v in distributed.full_state_dict(trainer.model).items()}
-        results[name + "_sharded"] = distributed.is_sharded(trainer.model)
+        results[name] = {k: v.detach().clone() for k, v in fsdp.full_state_dict(trainer.model).items()}
+        results[name + "_sharded"] = fsdp.is_sharded(trainer.model)
         results[name + "_losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     results["heads"] = heads
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

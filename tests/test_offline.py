@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import softpo
-from softpo import samples, tasks, train
+from softpo import train
+from softpo.train import flags, loop, policy, samples, tasks
 
 # The tiny model of test_train, and its fixture that restores the thread count main() pins.
 from test_train import TINY, _restore_threads  # noqa: E402, F401
@@ -65,9 +66,9 @@ def test_saved_samples_hold_what_the_run_sampled(saved_run):
 def test_saved_logprobs_are_the_sampling_distribution(saved_run):
     """The logprobs column scores each saved completion under the weights that sampled it: re-scoring the
     first step's samples with the initial model (same seed) gives them back."""
-    args = train.parse_args(TINY)
-    tokenizer = train.build_tokenizer(args)
-    model = train.build_model(args, tokenizer, torch.device("cpu"))
+    args = flags.parse_args(TINY)
+    tokenizer = policy.build_tokenizer(args)
+    model = policy.build_model(args, tokenizer, torch.device("cpu"))
     groups = samples.load([str(saved_run / "samples.jsonl")], tokenizer, model.config.vocab_size, "grpo")
     unscored(groups)
     # A group's `where` is its first line; step 1's samples are lines 1 to 16.
@@ -75,7 +76,7 @@ def test_saved_logprobs_are_the_sampling_distribution(saved_run):
     drawn = [(g, list(range(len(g.rewards)))) for g in first]
     batch, stored = samples.offline_batch(drawn, tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        hidden, _ = train.forward(model, batch, slice(None), moe=True)
+        hidden, _ = policy.forward(model, batch, slice(None), moe=True)
         logp = softpo.token_logprobs(batch["targets"], hidden=hidden, weight=model.lm_head.weight)
     mask = batch["mask"]
     assert mask.sum() > 0
@@ -85,20 +86,20 @@ def test_saved_logprobs_are_the_sampling_distribution(saved_run):
 def test_offline_rows_score_as_they_would_alone(saved_run):
     """Merging offline rows into an online batch (more left padding, more right padding) leaves every row's
     log-probs unchanged: padding and position ids are right."""
-    args = train.parse_args(TINY)
-    tokenizer = train.build_tokenizer(args)
-    model = train.build_model(args, tokenizer, torch.device("cpu"))
+    args = flags.parse_args(TINY)
+    tokenizer = policy.build_tokenizer(args)
+    model = policy.build_model(args, tokenizer, torch.device("cpu"))
     groups = samples.load([str(saved_run / "samples.jsonl")], tokenizer, model.config.vocab_size, None)
     unscored(groups)
     offline, _ = samples.offline_batch([(groups[0], [0, 1]), (groups[-1], [2, 3])], tokenizer.pad_token_id, "cpu")
     args.group_size, args.max_new_tokens = 2, 3
-    online = train.rollout(model, tokenizer, ["7", "12345678"], args, torch.device("cpu"))
+    online = policy.rollout(model, tokenizer, ["7", "12345678"], args, torch.device("cpu"))
     merged = samples.concat(online, offline, tokenizer.pad_token_id)
     assert merged["prompt_length"] == 8 and merged["targets"].shape[0] == 8
 
     def score(batch):
         with torch.no_grad():
-            hidden, _ = train.forward(model, batch, slice(None), moe=True)
+            hidden, _ = policy.forward(model, batch, slice(None), moe=True)
             return softpo.token_logprobs(batch["targets"], hidden=hidden, weight=model.lm_head.weight)
 
     alone = [score(online), score(offline)]
@@ -121,7 +122,7 @@ def test_offline_advantages_come_from_their_own_group():
     def score(g):
         seen["scored"] = True
         r = torch.tensor([g.rewards])
-        g.advantages = train.group_advantages(r, True)[0].tolist()
+        g.advantages = loop.group_advantages(r, True)[0].tolist()
         g.q0 = softpo.spo_q0(r, 0.1).item()
 
     pool = samples.Pool([group], 0, score)
@@ -154,9 +155,9 @@ def test_spo_half_online_learns_from_saved_samples(saved_run, tmp_path):
     assert all(r["generated_tokens"] == r["completion_length"] * 8 for r in rows)
     assert rows[-1]["generated_tokens_cumulative"] == sum(r["generated_tokens"] for r in rows)
 
-    args = train.parse_args(TINY)
-    tokenizer = train.build_tokenizer(args)
-    model = train.build_model(args, tokenizer, torch.device("cpu"))  # the run's initial weights (same seed)
+    args = flags.parse_args(TINY)
+    tokenizer = policy.build_tokenizer(args)
+    model = policy.build_model(args, tokenizer, torch.device("cpu"))  # the run's initial weights (same seed)
     groups = samples.load([saved], tokenizer, model.config.vocab_size, None)
     unscored(groups)
     drawn = [(g, list(range(len(g.rewards)))) for g in groups]
@@ -164,7 +165,7 @@ def test_spo_half_online_learns_from_saved_samples(saved_run, tmp_path):
 
     def sequence_logp():
         with torch.no_grad():
-            hidden, _ = train.forward(model, batch, slice(None), moe=True)
+            hidden, _ = policy.forward(model, batch, slice(None), moe=True)
             logp = softpo.token_logprobs(batch["targets"], hidden=hidden, weight=model.lm_head.weight)
         return (logp * batch["mask"]).sum(-1)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import softpo
-from softpo import routing, tasks, train
+from softpo import train
+from softpo.train import flags, policy, routing, tasks
 
 from test_train import TINY as ONE_LAYER, _restore_threads  # noqa: E402, F401
 
@@ -90,10 +91,10 @@ def test_unsupported_model_type_is_named():
 
 def built_in(argv=()):
     torch.set_num_threads(1)
-    args = train.parse_args([*TINY, *argv])
+    args = flags.parse_args([*TINY, *argv])
     args.max_new_tokens = 6
-    tokenizer = train.build_tokenizer(args)
-    return args, tokenizer, train.build_model(args, tokenizer, torch.device("cpu"))
+    tokenizer = policy.build_tokenizer(args)
+    return args, tokenizer, policy.build_model(args, tokenizer, torch.device("cpu"))
 
 
 def test_r2_replayed_forward_reproduces_recorded_experts_after_updates():
@@ -103,10 +104,10 @@ def test_r2_replayed_forward_reproduces_recorded_experts_after_updates():
     args, tokenizer, model = built_in()
     replay = routing.RoutingReplay(model)
     torch.manual_seed(0)
-    batch = train.rollout(model, tokenizer, ["7", "456", "1234", "89"], args, torch.device("cpu"))
+    batch = policy.rollout(model, tokenizer, ["7", "456", "1234", "89"], args, torch.device("cpu"))
     rows = slice(None)
     with torch.no_grad():
-        _, _, recorded = train.routed_forward(model, batch, rows, True, replay, None)
+        _, _, recorded = policy.routed_forward(model, batch, rows, True, replay, None)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     advantages = torch.randn(batch["targets"].shape[0])
     config = softpo.preset("grpo")
@@ -114,9 +115,9 @@ def test_r2_replayed_forward_reproduces_recorded_experts_after_updates():
     moved = []
     for update in range(6):
         for half in (slice(0, 8), slice(8, 16)):
-            hidden, router, used = train.routed_forward(model, batch, half, True, replay, recorded[half])
+            hidden, router, used = policy.routed_forward(model, batch, half, True, replay, recorded[half])
             assert torch.equal(used, recorded[half])
-            live = train.top_k_sets(router, start, 2)
+            live = routing.top_k_sets(routing.routed_experts(router, 2), start)
             moved.append((live != routing.top_k_sets(recorded[half], start)).any(-1)[:, batch["mask"][half]])
             out = softpo.policy_loss(config, batch["targets"][half], batch["mask"][half], advantages[half],
                                      hidden=hidden, weight=model.lm_head.weight, impl="torch")
@@ -129,7 +130,7 @@ def test_r2_replayed_forward_reproduces_recorded_experts_after_updates():
     assert torch.cat([m.flatten() for m in moved[-2:]]).any()
     # After all updates, a fresh replayed forward reproduces the recorded top-k sets exactly.
     with torch.no_grad():
-        _, _, used = train.routed_forward(model, batch, rows, True, replay, recorded)
+        _, _, used = policy.routed_forward(model, batch, rows, True, replay, recorded)
     assert torch.equal(routing.top_k_sets(used, start), routing.top_k_sets(recorded, start))
 
 
@@ -140,12 +141,12 @@ def test_r3_rollout_experts_equal_teacher_forced_forward():
     args, tokenizer, model = built_in()
     replay = routing.RoutingReplay(model)
     torch.manual_seed(1)
-    batch = train.rollout(model, tokenizer, ["7", "456", "1234", "89"], args, torch.device("cpu"), replay)
+    batch = policy.rollout(model, tokenizer, ["7", "456", "1234", "89"], args, torch.device("cpu"), replay)
     sampled = batch["rollout_experts"]
     assert sampled.shape == (*batch["input_ids"].shape, 2, 2)
     assert (sampled[:, -1] == -1).all() and (sampled[:, :-1] >= 0).all()
     with torch.no_grad():
-        _, router, forced = train.routed_forward(model, batch, slice(None), True, replay, None)
+        _, router, forced = policy.routed_forward(model, batch, slice(None), True, replay, None)
     valid = batch["valid"].clone()
     valid[:, -1] = False  # the last token is never fed to generate
     assert valid[:, batch["prompt_length"]:].sum() > 10

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import softpo
-from softpo import tasks, train
+from softpo import train
+from softpo.train import checkpoint, collectives, flags, loop, policy, tasks
 
 # A model and batch small enough that one step takes a fraction of a second on one core.
 TINY = ["--hidden-size", "32", "--layers", "1", "--experts", "4", "--prompts-per-step", "4", "--group-size", "4",
@@ -20,7 +21,7 @@ METRIC_KEYS = {
     "ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
     "gate_weight", "log_ratio_seq_var", "q_mean", "routing_drift", "aux_loss", "grad_norm", "expert_load",
     "is_weight_mean", "replay_logp_gap", "offline_fraction", "offline_reward_mean", "generated_tokens",
-    "generated_tokens_cumulative",
+    "generated_tokens_cumulative", "sampler_logp_gap",
 } | TIMING_KEYS
 
 
@@ -64,9 +65,9 @@ def test_count_reward_rejects_length_mismatch():
 
 
 def test_load_reward():
-    assert tasks.load_reward("softpo.tasks:count_reward") is tasks.count_reward
+    assert tasks.load_reward("softpo.train.tasks:count_reward") is tasks.count_reward
     for spec, match in (("no_colon", "module:function"), ("softpo.no_such_module:f", "cannot import"),
-                        ("softpo.tasks:no_such_function", "no function")):
+                        ("softpo.train.tasks:no_such_function", "no function")):
         with pytest.raises(ValueError, match=match):
             tasks.load_reward(spec)
 
@@ -77,14 +78,14 @@ def test_group_advantages(scale):
     gt = rewards.double() - rewards.double().mean(1, keepdim=True)
     if scale:
         gt = gt / (rewards.double().std(1, keepdim=True) + 1e-4)
-    out = train.group_advantages(rewards, scale)
+    out = loop.group_advantages(rewards, scale)
     torch.testing.assert_close(out.double(), gt, rtol=1e-6, atol=1e-6)
     # A group whose samples all score the same carries no signal, and no NaN.
     assert torch.equal(out[1], torch.zeros(4))
 
 
 def test_group_advantages_single_sample():
-    assert torch.equal(train.group_advantages(torch.tensor([[0.3], [0.9]]), True), torch.zeros(2, 1))
+    assert torch.equal(loop.group_advantages(torch.tensor([[0.3], [0.9]]), True), torch.zeros(2, 1))
 
 
 def test_scored_logprobs_equal_sampling_distribution():
@@ -93,10 +94,10 @@ def test_scored_logprobs_equal_sampling_distribution():
     from transformers import GenerationConfig
 
     torch.set_num_threads(1)
-    args = train.parse_args(["--temperature", "0.7", "--vocab-size", "300", *TINY])
+    args = flags.parse_args(["--temperature", "0.7", "--vocab-size", "300", *TINY])
     args.max_new_tokens = 5
-    tokenizer = train.build_tokenizer(args)
-    model = train.build_model(args, tokenizer, torch.device("cpu"))
+    tokenizer = policy.build_tokenizer(args)
+    model = policy.build_model(args, tokenizer, torch.device("cpu"))
     prompts = ["7", "456", "1234"]
     config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -107,11 +108,11 @@ def test_scored_logprobs_equal_sampling_distribution():
                              attention_mask=encoded.attention_mask.repeat_interleave(4, 0), generation_config=config)
     torch.manual_seed(1)
     args.group_size = 4
-    batch = train.rollout(model, tokenizer, prompts, args, torch.device("cpu"))
+    batch = policy.rollout(model, tokenizer, prompts, args, torch.device("cpu"))
     assert torch.equal(batch["targets"], sampled.sequences[:, encoded.input_ids.shape[1]:])
     scores = torch.stack(sampled.scores, 1).double()
     gt = torch.log_softmax(scores, -1).gather(-1, batch["targets"][..., None]).squeeze(-1)
-    hidden, router = train.forward(model, batch, slice(None), moe=True)
+    hidden, router = policy.forward(model, batch, slice(None), moe=True)
     out = softpo.token_logprobs(batch["targets"], hidden=hidden, weight=model.lm_head.weight, temperature=0.7)
     mask = batch["mask"]
     assert (out.double() - gt)[mask].abs().max() <= 1e-5
@@ -153,7 +154,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(final_whole[k], final_split[k]) for k in final_whole)
 
 
-@pytest.mark.parametrize("loss", train.LOSSES)
+@pytest.mark.parametrize("loss", flags.LOSSES)
 def test_each_preset_one_step(tmp_path, loss):
     run = tmp_path / loss
     assert train.main([*TINY, "--loss", loss, "--steps", "1", "--out", str(run)]) == 0
@@ -199,13 +200,13 @@ def _ddp_worker(rank, world, port, argv, dump_dir):
     # Gloo on the loopback interface: the hostname may resolve to another one.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    original = train.save_checkpoint
+    original = checkpoint.save_checkpoint
 
     def save_and_dump(run_dir, step, model, *rest, **options):
         torch.save(model.state_dict(), os.path.join(dump_dir, f"rank{rank}.pt"))
         return original(run_dir, step, model, *rest, **options)
 
-    train.save_checkpoint = save_and_dump
+    checkpoint.save_checkpoint = save_and_dump
     if train.main(argv) != 0:
         raise SystemExit(1)
 
@@ -224,8 +225,8 @@ def test_data_parallel_two_processes_stay_identical(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     torch.manual_seed(0)
-    args = train.parse_args(TINY)
-    initial = train.build_model(args, train.build_tokenizer(args), torch.device("cpu")).state_dict()
+    args = flags.parse_args(TINY)
+    initial = policy.build_model(args, policy.build_tokenizer(args), torch.device("cpu")).state_dict()
     assert any(not torch.equal(initial[k], rank0[k]) for k in initial)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
@@ -307,7 +308,7 @@ def test_adaptive_entropy_moves_the_coefficient_and_resumes_exactly(tmp_path):
 def _gather_varying_worker(rank, world, out_dir):
     """gather_varying: every rank's entropies, different lengths, in rank order."""
     local = torch.arange(3 + 2 * rank, dtype=torch.float32) + 10 * rank
-    torch.save(train.gather_varying(local, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(collectives.gather_varying(local, world), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_gather_varying_concatenates_every_rank(tmp_path):

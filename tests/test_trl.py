@@ -502,16 +502,6 @@ def test_small_delta_is_accepted_as_trl_accepts_it():
     assert config.delta == 1.1
 
 
-def test_softcapped_model_raises(model_dir, tmp_path):
-    model = Qwen2ForCausalLM.from_pretrained(model_dir)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        SoftpoGRPOTrainer(
-            model=model, reward_funcs=_reward, args=_args(tmp_path),
-            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=_tokenizer(),
-        )
-
-
 class _CustomRewardTrainer(GRPOTrainer):
     """A user subclass that changes something other than the loss."""
 

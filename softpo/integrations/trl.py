@@ -8,6 +8,11 @@ log-probs that `_generate_and_score_completions` computes. The training forward 
 and hands its last hidden states and `lm_head.weight` to `softpo.policy_loss`, so no logits tensor of the
 batch exists; on CUDA that is the Triton kernel, elsewhere the chunked torch sweep.
 
+The model's head is scored as it computes its logits: a logit scale (Cohere, Granite) and a final soft-cap
+(Gemma 2, `final_logit_softcapping`) are applied before TRL's temperature. `softpo_score_truncated=True` (a
+constructor keyword) also applies the sampler's `top_k`, `top_p` and `min_p` from the `GRPOConfig`, to the old
+log-probs and the loss alike; off by default, as TRL's own loss ignores them.
+
 The `GRPOConfig` is mapped to a `softpo.LossConfig` (`loss_config_from_grpo_config`), and the loss is scaled
 as TRL scales it for processes and gradient accumulation. A TRL option that softpo does not implement raises
 `ValueError` at construction, naming the option, rather than training a different objective.
@@ -18,7 +23,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import types
 
 import torch
 from accelerate.utils import is_peft_model
@@ -27,9 +31,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .. import objectives
 from ..adaptive import AdaptiveEntropy
-from ..api import policy_loss
+from ..api import policy_loss, token_logprobs
 from ..config import LossConfig, preset
-from ..distributed import gathered_weight
+from ..head import add_forward_call, gathered_weight, run_as_forward
+from ..lora import lm_head_weight
 from .zero3 import head_loss
 
 __all__ = ["SoftpoGRPOMixin", "SoftpoGRPOTrainer", "loss_config_from_grpo_config", "softpo_trainer"]
@@ -128,53 +133,49 @@ def _logit_scale(text_config) -> float:
     return 1.0
 
 
-def _check_model(model) -> float:
-    """Refuse heads softpo cannot compute; return the logit scale to fold into the temperature."""
+def _check_model(model) -> tuple[float, float | None]:
+    """Refuse heads softpo cannot compute; return the head's logit scale and final soft-cap (None: none)."""
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"final_logit_softcapping={text_config.final_logit_softcapping} (model config): softpo's loss has no "
-            "logit soft-capping; use trl.GRPOTrainer for this model"
-        )
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"final_logit_softcapping={softcap} (model config) must be a finite number > 0 for softpo")
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight for softpo to read")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which softpo's loss does not add")
+    # Refuses what softpo cannot reproduce exactly (a bias, LoRA dropout in training, an unknown wrapper).
+    lm_head_weight(head)
     scale = _logit_scale(text_config)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"the model's logit scale must be a finite number > 0 for softpo, got {scale}")
-    return scale
+    return scale, None if softcap is None else float(softcap)
 
 
-def _add_softpo_head(model, zero3: bool = False) -> None:
-    """Let `model(..., softpo_loss_fn=f)` run the backbone and return `f(backbone_outputs, lm_head_weight)`.
+def _backbone_then_loss(model, loss_fn, zero3, **inputs):
+    """The backbone on `inputs`, then `loss_fn(backbone_outputs, lm_head_weight)`: the softpo forward of `model`."""
+    inputs["use_cache"] = False
+    # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
+    outputs = model.base_model(**inputs)
+    # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
+    if zero3:
+        return head_loss(model, loss_fn, outputs)
+    # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
+    # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
+    # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
+    # alone would leave each rank its own, unreduced, gradient).
+    weight = gathered_weight(lm_head_weight(model.get_output_embeddings()))
+    return loss_fn(outputs, weight)
+
+
+def _softpo_forward(model, loss_fn, zero3: bool = False, caller=None, **inputs):
+    """`loss_fn(backbone_outputs, lm_head_weight)` run as `model`'s forward, called through `caller` (the
+    wrapper the trainer was given: DDP, FSDP, a DeepSpeed engine) when given.
 
     The loss runs inside the model's forward, as TRL's own fused head does, so wrappers that act around the
-    forward (DDP's gradient hooks, FSDP's parameter gathering, autocast) see it. Without the keyword the
-    forward is the one it replaces, so generation is unchanged.
+    forward (DDP's gradient hooks, FSDP's parameter gathering, autocast) see it. Other calls of the model
+    run its own forward, so generation is unchanged.
     """
-    replaced_forward = model.forward
-
-    # `generate` validates its keyword arguments against the forward's signature.
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, softpo_loss_fn=None, **kwargs):
-        if softpo_loss_fn is None:
-            return replaced_forward(*args, **kwargs)
-        kwargs["use_cache"] = False
-        # Looked up per call: PEFT and FSDP replace the backbone and the head after construction.
-        outputs = self.base_model(*args, **kwargs)
-        # DeepSpeed ZeRO-3 partitions the head: the loss runs inside lm_head's forward, whose hooks gather it.
-        if zero3:
-            return head_loss(self, softpo_loss_fn, outputs)
-        # Under FSDP2 the head is whole here once its group has run a forward (accelerate groups lm_head with
-        # the final norm, or with the tied embedding); a head whose group has not is still a sharded DTensor,
-        # gathered with a gradient averaged over the ranks as FSDP2 averages the others (`full_tensor()`
-        # alone would leave each rank its own, unreduced, gradient).
-        weight = gathered_weight(self.get_output_embeddings().weight)
-        return softpo_loss_fn(outputs, weight)
-
-    model.forward = types.MethodType(forward, model)
+    run = functools.partial(_backbone_then_loss, model, loss_fn, zero3)
+    return run_as_forward(model, run, caller=caller, **inputs)
 
 
 def _bound_args(init, args, kwargs):
@@ -189,17 +190,78 @@ class SoftpoGRPOMixin:
 
     # "auto": the Triton kernels for CUDA tensors, the chunked torch sweep otherwise.
     softpo_impl = "auto"
+    # Score under the sampler's top_k / top_p / min_p (GRPOConfig's), not the whole softmax; the constructor's
+    # `softpo_score_truncated=` sets it. Off by default: TRL's own loss ignores the truncation.
+    softpo_score_truncated = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, softpo_score_truncated: bool | None = None, **kwargs):
+        if softpo_score_truncated is not None:
+            self.softpo_score_truncated = bool(softpo_score_truncated)
         early_args = _bound_args(super().__init__, args, kwargs)
         if isinstance(early_args, GRPOConfig):
             # Fail before TRL loads reference models or connects to a vLLM server.
             loss_config_from_grpo_config(early_args)
+            _check_truncated_scoring(early_args, self.softpo_score_truncated)
         super().__init__(*args, **kwargs)
         self.softpo_config = loss_config_from_grpo_config(self.args)
+        _check_truncated_scoring(self.args, self.softpo_score_truncated)
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        self._softpo_logit_scale = _check_model(target)
-        _add_softpo_head(target, zero3=self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+        self._softpo_zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        if self._softpo_zero3 and any("lora_" in name for name, _ in target.get_output_embeddings().named_modules()):
+            # ZeRO-3 gathers an adapter's A and B only inside their own forwards, which softpo's sweep bypasses.
+            raise ValueError("an adapter on lm_head is not supported under DeepSpeed ZeRO-3; "
+                             "train lm_head whole (modules_to_save=['lm_head']) or use FSDP2 or DDP")
+        self._softpo_logit_scale, self._softpo_softcap = _check_model(target)
+        self._softpo_model = target
+        # Patched now, before accelerate wraps the forward for mixed precision: its wrapper then wraps this one.
+        add_forward_call(target)
+
+    def _softpo_distribution(self):
+        """(temperature, keywords): what softpo's sweeps need to score the distribution TRL samples from.
+
+        The head's logit scale, then its soft-cap, then the temperature, as TRL's and the model's heads apply
+        them. Without a soft-cap the scale is folded into the temperature, the product the sweep forms anyway.
+        """
+        keywords = {}
+        if self._softpo_softcap is None:
+            temperature = self.temperature / self._softpo_logit_scale
+        else:
+            temperature = self.temperature
+            keywords.update(logit_scale=self._softpo_logit_scale, softcap=self._softpo_softcap)
+        if self.softpo_score_truncated:
+            keywords.update(top_k=self.top_k or None, top_p=self.top_p, min_p=self.min_p)
+        return temperature, keywords
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extras):
+        """TRL's scoring of old (and reference) log-probs; with `softpo_score_truncated`, softpo's under the
+        sampler's truncation, so that the ratio compares two log-probs of the same distribution."""
+        if not self.softpo_score_truncated:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **extras,
+            )
+        if compute_aux_loss or any(value is not None for value in extras.values()):
+            raise ValueError("softpo_score_truncated=True scores text-only, non-MoE batches; "
+                             f"got {sorted(k for k, v in extras.items() if v is not None) or 'router logits'}")
+        targets = input_ids[:, -logits_to_keep:]
+        temperature, sampler = self._softpo_distribution()
+        cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
+
+        def score(outputs, weight):
+            hidden = outputs.last_hidden_state[:, -logits_to_keep - 1 : -1].to(weight.device)
+            dtype = _head_dtype(hidden.device.type, weight, cast_head_to_fp32)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return token_logprobs(
+                    targets.to(weight.device), hidden=hidden.to(dtype), weight=weight.to(dtype),
+                    temperature=temperature, return_entropy=compute_entropy, impl=self.softpo_impl, **sampler,
+                )
+
+        with self.accelerator.autocast():
+            out = _softpo_forward(self._softpo_model, score, self._softpo_zero3, caller=model,
+                                  input_ids=input_ids, attention_mask=attention_mask)
+        logp, entropy = out if compute_entropy else (out, None)
+        return logp, entropy, None
 
     def _normalizer(self, inputs, mode):
         """The token count TRL's dapo and cispo divide one micro-batch's sum by, before the 1/accumulation factor."""
@@ -220,11 +282,18 @@ class SoftpoGRPOMixin:
         T = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.bool()
+        completion_tokens = mask
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         config = self.softpo_config
 
         old_logp = inputs.get("old_per_token_logps")
+        if self.softpo_score_truncated and old_logp is not None:
+            # A token outside the old policy's kept set (-inf: padding, or a tie the sampler split otherwise)
+            # cannot have been drawn from it: left out, as softpo leaves out one outside the current policy's.
+            outside = torch.isinf(old_logp)
+            mask = mask & ~outside
+            old_logp = old_logp.masked_fill(outside, 0.0)
         ref_logp = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
         rollout_logp = importance_sampling_ratio = None
         correcting = self.use_vllm and self.vllm_importance_sampling_correction
@@ -244,7 +313,7 @@ class SoftpoGRPOMixin:
             control = AdaptiveEntropy(self.entropy_coef, self._last_world_entropy, self._entropy_window_stats)
             config = control.loss_config(config)
         entropy_gather = self._gather_entropies if config.top_entropy_quantile < 1 else None
-        temperature = self.temperature / self._softpo_logit_scale
+        temperature, sampler = self._softpo_distribution()
         normalizer = self._normalizer(inputs, mode)
         cast_head_to_fp32 = self.args.cast_lm_head_to_fp32
 
@@ -253,13 +322,7 @@ class SoftpoGRPOMixin:
             # positions that end one before the sequence does.
             hidden = outputs.last_hidden_state[:, -T - 1 : -1].to(weight.device)
             device_type = hidden.device.type
-            # The head's dtype is the one TRL's head computes in.
-            if cast_head_to_fp32:
-                dtype = torch.float32
-            elif torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
-            else:
-                dtype = weight.dtype
+            dtype = _head_dtype(device_type, weight, cast_head_to_fp32)
             with torch.autocast(device_type, enabled=False):
                 out = policy_loss(
                     config,
@@ -276,6 +339,7 @@ class SoftpoGRPOMixin:
                     normalizer=normalizer,
                     entropy_gather=entropy_gather,
                     impl=self.softpo_impl,
+                    **sampler,
                 )
             aux_loss = self._softpo_router_aux_loss(outputs, attention_mask) if self.aux_loss_enabled else None
             return out, aux_loss
@@ -287,7 +351,8 @@ class SoftpoGRPOMixin:
         if self.aux_loss_enabled:
             model_inputs["output_router_logits"] = True
         with self.accelerator.autocast():
-            out, aux_loss = model(**model_inputs, softpo_loss_fn=loss_fn)
+            out, aux_loss = _softpo_forward(self._softpo_model, loss_fn, self._softpo_zero3, caller=model,
+                                            **model_inputs)
 
         loss = out.loss / accumulation
         if control is not None and mode == "train":
@@ -301,7 +366,7 @@ class SoftpoGRPOMixin:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_softpo_metrics(
-            mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+            mode, out, inputs, completion_tokens, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
         )
         return loss
 
@@ -322,10 +387,18 @@ class SoftpoGRPOMixin:
         )
 
     def _log_softpo_metrics(
-        self, mode, out, inputs, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
+        self, mode, out, inputs, completion_tokens, mask, old_logp, ref_logp, accumulation, importance_sampling_ratio
     ):
-        """TRL's loss metrics, under TRL's names and with TRL's cross-process reductions."""
+        """TRL's loss metrics, under TRL's names and with TRL's cross-process reductions; with truncated scoring,
+        also `outside_support`, the fraction of the completion tokens left out of the loss."""
         metrics = self._metrics[mode]
+        if self.softpo_score_truncated:
+            # The loss left out the tokens outside the old or the current policy's kept set: so do the metrics.
+            scored = mask & torch.isfinite(out.logp)
+            left_out = (completion_tokens & ~scored).sum().to(out.logp.dtype)
+            total = self.accelerator.reduce(torch.stack([left_out, completion_tokens.sum().to(left_out)]), "sum")
+            metrics["outside_support"].append((total[0] / total[1].clamp(min=1.0)).item())
+            mask = scored
         sequence_level = self.importance_sampling_level == "sequence"
         logp = out.logp
         old = logp if old_logp is None else old_logp.to(logp.dtype)
@@ -388,6 +461,22 @@ class SoftpoGRPOMixin:
                 is_weight = importance_sampling_ratio.to(logp)
             phi = objectives.vespo_weights(self.softpo_config, logp, old, mask, advantages.to(logp), is_weight)
             metrics["vespo/phi_seq_mean"].append(global_mean(phi))
+
+
+def _head_dtype(device_type: str, weight: torch.Tensor, cast_head_to_fp32: bool) -> torch.dtype:
+    """The dtype TRL's head computes in."""
+    if cast_head_to_fp32:
+        return torch.float32
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _check_truncated_scoring(args: GRPOConfig, score_truncated: bool) -> None:
+    if score_truncated and args.beta != 0.0:
+        # The reference model's log-prob of a token outside its own kept set would be -inf, and the KL infinite.
+        raise ValueError(f"softpo_score_truncated=True needs beta=0 (got beta={args.beta}): the KL to a truncated "
+                         "reference is infinite wherever the reference would not keep the token")
 
 
 def _nan_extreme(values: torch.Tensor, pick) -> float:

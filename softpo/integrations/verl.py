@@ -289,7 +289,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     reduction: str = "none",
     dist_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +298,11 @@ def linear_cross_entropy(
     hidden [..., H], weight [V, H], labels [...] (in [0, V); a masked position needs a valid label
     and gets no gradient when its upstream gradient is zero). Returns log softmax(hidden @ weight.T /
     temperature)[labels] with labels' shape (reduction "none"), or their sum or mean (a scalar), and the
-    entropy per token. Triton kernels on CUDA, the chunked torch sweep elsewhere. A vocab-parallel
+    entropy per token. `temperature` may also be a tensor with labels' shape (one value per token: verl's
+    remove-padding path packs the batch as hidden [1, total, H], labels [1, total]) or, for labels [B, T],
+    one per sequence [B]; it is handed to `softpo.token_logprobs` as given. The sampler's top-k / top-p are
+    not part of this contract (verl does not pass them here): the log-probs are those of the full
+    softmax(z / temperature). Triton kernels on CUDA, the chunked torch sweep elsewhere. A vocab-parallel
     `dist_process_group` (weight holds this rank's vocabulary shard) needs a softpo whose token_logprobs
     takes `process_group=`.
     """

@@ -27,48 +27,28 @@ So the root model's forward must not read lm_head.weight under ZeRO-3; only the 
 
 from __future__ import annotations
 
-import functools
-import types
+from ..head import run_as_forward
 
 __all__ = ["head_loss"]
 
 
-def _add_loss_to_head(head) -> None:
-    """Let `head(hidden, softpo_loss_fn=f, softpo_outputs=o)` return `(out.loss, out)` for `out = f(o, head.weight)`.
+def head_loss(model, loss_fn, outputs):
+    """`loss_fn(outputs, weight)`, which returns `(out, aux)`, run as the forward of `model`'s lm_head, called
+    with the last hidden states."""
+    head = model.get_output_embeddings()
+    aux = []
 
-    `o.last_hidden_state` is replaced by `hidden`: the tensor ZeRO-3's input hook has wrapped, through which
-    the release after the backward is triggered. Without the keyword the head's forward is unchanged.
-    """
-    replaced_forward = head.forward
-
-    @functools.wraps(type(head).forward)
-    def forward(self, hidden, *args, softpo_loss_fn=None, softpo_outputs=None, **kwargs):
-        if softpo_loss_fn is None:
-            return replaced_forward(hidden, *args, **kwargs)
-        softpo_outputs.last_hidden_state = hidden
-        out = softpo_loss_fn(softpo_outputs, self.weight)
+    def loss_in_head(hidden):
+        # `hidden` is the tensor ZeRO-3's input hook has wrapped, through which the release after the backward
+        # is triggered; the head's weight is gathered while this runs.
+        outputs.last_hidden_state = hidden
+        out, aux_loss = loss_fn(outputs, head.weight)
+        # The router loss does not read the head: it leaves the head's forward by this side door, so that
+        # its backward does not gather the weight again.
+        aux.append(aux_loss)
         # The loss as a plain tensor of the output: ZeRO-3's backward hook for the head is attached to it.
         return out.loss, out
 
-    head.forward = types.MethodType(forward, head)
-    head._softpo_loss_forward = True
-
-
-def head_loss(model, loss_fn, outputs):
-    """`loss_fn(outputs, weight)`, which returns `(out, aux)`, run inside the forward of `model`'s lm_head."""
-    aux = []
-
-    def policy_loss_fn(outputs, weight):
-        # The router loss does not read the head: it leaves the head's forward by this side door, so that
-        # its backward does not gather the weight again.
-        out, aux_loss = loss_fn(outputs, weight)
-        aux.append(aux_loss)
-        return out
-
-    head = model.get_output_embeddings()
-    # Patched at the first call rather than at construction: wrappers may replace the head module in between.
-    if not getattr(head, "_softpo_loss_forward", False):
-        _add_loss_to_head(head)
-    loss, out = head(outputs.last_hidden_state, softpo_loss_fn=policy_loss_fn, softpo_outputs=outputs)
+    loss, out = run_as_forward(head, loss_in_head, outputs.last_hidden_state)
     out.loss = loss
     return out, aux[0]

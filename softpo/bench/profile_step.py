@@ -1,11 +1,11 @@
-"""Where one softpo loss step spends its time, kernel by kernel: issue 15's S1 profile (and S2's host time).
+"""Where one softpo loss step spends its time, kernel by kernel: `python -m softpo.bench.profile_step`.
 
 Runs softpo-triton (softpo-torch on CPU) on one benchmark case under torch.profiler and writes a JSON record:
 the device time of each kind of kernel per step (the matmul library's GEMMs, softpo's sweep kernels, the
 elementwise and reduction kernels of the objective and the fp32 accumulator, copies), the largest kernels,
 the step's wall time, and the share of it the device was busy (the rest is host time the GPU waited for).
 
-    python bench/profile_step.py --out bench/results [--path hidden] [--objective sapo] [--N 16384]
+    python -m softpo.bench.profile_step --out bench/results [--path hidden] [--objective sapo] [--N 16384]
         [--H 4096] [--V 151936] [--dtype bf16] [--memory default]
 """
 
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import providers  # noqa: E402
+from .cases import DTYPES, OBJECTIVES, Case, make_inputs, rows_of
+from .providers import SoftpoProvider
 
 # Kernel names to the part of the step they do, first match wins. cuBLAS/CUTLASS GEMMs go by several names.
 KINDS = (
@@ -42,9 +42,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile(case: providers.Case, device: str, memory: str, steps: int) -> dict:
-    provider = providers.SoftpoProvider("triton" if device == "cuda" else "torch", memory=memory)
-    inputs = providers.make_inputs(case, device)
+def profile(case: Case, device: str, memory: str, steps: int) -> dict:
+    provider = SoftpoProvider("triton" if device == "cuda" else "torch", memory=memory)
+    inputs = make_inputs(case, device)
     run = provider.build(case, inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):  # compile the kernels, warm the allocator
@@ -93,17 +93,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--path", choices=("hidden", "logits"), default="hidden")
-    parser.add_argument("--objective", choices=providers.OBJECTIVES, default="sapo")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="sapo")
     parser.add_argument("--N", type=int, default=16384)
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--H", type=int, default=4096)
     parser.add_argument("--V", type=int, default=151936)
-    parser.add_argument("--dtype", choices=tuple(providers.DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--memory", choices=("default", "flat"), default="default")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    B, T = providers._rows(args.N, args.T)
-    case = providers.Case(args.path, "fwdbwd", args.objective, False, B, T, args.V,
+    B, T = rows_of(args.N, args.T)
+    case = Case(args.path, "fwdbwd", args.objective, False, B, T, args.V,
                           H=args.H if args.path == "hidden" else 0, dtype=args.dtype)
     result = profile(case, args.device, args.memory, args.steps)
     import triton

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-MIB = 2**20
+from .harness import MIB, MemoryProbe, cpu_memory_setup, environment, grad_bytes, measure_ceilings
 
 
 def _rows(rank: int, world: int, V: int) -> slice:
@@ -41,10 +41,9 @@ def _rows(rank: int, world: int, V: int) -> slice:
 
 
 def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    from . import bench
     import softpo
 
-    bench.cpu_memory_setup()
+    cpu_memory_setup()
     torch.set_num_threads(1)
     sharded = spec["sharded"]
     if sharded:
@@ -76,11 +75,11 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
 
     call()  # warm-up: first-call allocations and lazy initialization
     hidden.grad = weight.grad = None
-    probe = bench.MemoryProbe("cpu")
+    probe = MemoryProbe("cpu")
     probe.reset()
     samples = [call()]
     peak = probe.peak()
-    grads = bench.grad_bytes([hidden, weight])
+    grads = grad_bytes([hidden, weight])
     samples += [call() for _ in range(spec["samples"] - 1)]
     result = {
         "rank": rank, "vocab_rows": [rows.start, rows.stop], "time_median_s": statistics.median(samples),
@@ -113,18 +112,16 @@ def _spawn(world: int, spec: dict, out_dir: str, timeout_s: float) -> list[dict]
 def run(world: int, N: int, H: int, V: int, dtype: str = "float32", samples: int = 3,
         timeout_s: float = 1800.0) -> dict:
     """Measure both runs and return the record (device, versions, date, shape, results, ceilings)."""
-    from . import bench
-
     if world < 2:
         raise ValueError(f"--vocab-parallel needs at least 2 processes, got {world}")
     spec = {"N": N, "H": H, "V": V, "dtype": dtype, "samples": samples}
-    dev, versions = bench.environment("cpu")
+    dev, versions = environment("cpu")
     dev["threads_per_process"] = 1
     # Every process runs one thread, so the ceiling is one thread's too.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ceilings = bench.measure_ceilings("cpu", small=N * V < 2**20)
+        ceilings = measure_ceilings("cpu", small=N * V < 2**20)
     finally:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,9 +3,9 @@
 In an MoE policy the experts a token is routed to can change between the forward that sampled it,
 the forward that computed its old log-prob and the training forward, so the token ratio moves for
 reasons that are not the policy update. Routing replay pins the experts:
-- `old` (R2): the training forwards use the experts chosen in the forward that computed the old
+- `old`: the training forwards use the experts chosen in the forward that computed the old
   log-probs;
-- `rollout` (R3): the experts chosen while `generate` sampled are used in the old-log-prob forward and
+- `rollout`: the experts chosen while `generate` sampled are used in the old-log-prob forward and
   the training forwards (positions with nothing recorded, such as offline samples, route live in the
   old forward, and the training forwards replay that).
 
@@ -34,13 +34,6 @@ ROUTERS = {
     "MixtralTopKRouter": lambda router: True,
 }
 SUPPORTED = "qwen3_moe, olmoe, mixtral"
-
-
-def add_arguments(parser) -> None:
-    g = parser.add_argument_group("MoE routing")
-    g.add_argument("--routing-replay", choices=MODES, default="none",
-                   help="force the training forward to recorded experts: old = those of the old-log-prob forward "
-                   "(R2), rollout = those chosen while sampling (R3); gate weights stay live")
 
 
 class Recording:
@@ -106,7 +99,12 @@ class RoutingReplay:
         return logits, weights, experts
 
 
+def routed_experts(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Per-layer router logits [rows, length, experts] -> the top-k experts, [rows, length, layers, k]."""
+    return torch.stack([layer.topk(k, dim=-1).indices for layer in router_logits], dim=2)
+
+
 def top_k_sets(experts: torch.Tensor, start: int) -> torch.Tensor:
-    """[rows, length, layers, k] used experts -> [layers, rows, completion, k] sorted sets of the positions
-    that score completion tokens (the layout of train.top_k_sets)."""
+    """[rows, length, layers, k] experts (recorded, or `routed_experts` of live router logits) -> [layers, rows,
+    completion, k] sorted sets of the positions from `start` on that score completion tokens."""
     return experts[:, start:-1].permute(2, 0, 1, 3).sort(dim=-1).values

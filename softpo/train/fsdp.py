@@ -10,7 +10,7 @@ FSDP2 has already gathered the root group, rather than by a differentiable `full
 parameter: the root group is all-gathered for the embeddings anyway, so reading it there costs no extra
 collective and no second copy, and its gradient lands on the unsharded parameter that FSDP2 reduce-scatters
 with the rest. A `full_tensor()` gradient would land on the sharded parameter instead, where FSDP2 does not
-reduce it: each rank would keep only its own data's gradient (see `gathered_weight` for the correct form).
+reduce it: each rank would keep only its own data's gradient (`softpo.head.gathered_weight` is the correct form).
 Tied embeddings are one parameter in the root group, so they need nothing more.
 
 Checkpoints are torch.distributed.checkpoint (DCP) directories: each rank writes its own shards of the
@@ -20,17 +20,16 @@ reads them back into the sharded model (`set_state_dict`).
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import types
 import warnings
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["shard", "broadcast_from_first_rank", "is_sharded", "call_inside", "gathered_weight", "clip_grad_norm",
-           "save_sharded", "load_sharded", "full_state_dict"]
+from softpo.head import run_as_forward
+
+__all__ = ["shard", "is_sharded", "call_inside", "clip_grad_norm", "save_sharded", "load_sharded", "full_state_dict"]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -57,40 +56,13 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    _add_inside_call(model)
     return model
-
-
-def broadcast_from_first_rank(model: torch.nn.Module, device: torch.device) -> None:
-    """Copy rank 0's parameters and buffers to every rank, in place; tensors not on `device` (a model kept on
-    the CPU until `shard` moves it) pass through `device` one at a time, as NCCL needs."""
-    for tensor in model.state_dict().values():
-        if tensor.device == device:
-            dist.broadcast(tensor, src=0)
-        else:
-            staged = tensor.to(device)
-            dist.broadcast(staged, src=0)
-            tensor.copy_(staged)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-def _add_inside_call(model) -> None:
-    """Let `model(_softpo_call=fn)` run `fn()` as the model's forward, inside FSDP2's root hooks."""
-    replaced_forward = model.forward
-
-    # `generate` checks its keyword arguments against the forward's signature: keep the original's.
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, _softpo_call=None, **kwargs):
-        if _softpo_call is None:
-            return replaced_forward(*args, **kwargs)
-        return _softpo_call()
-
-    model.forward = types.MethodType(forward, model)
 
 
 def call_inside(model: torch.nn.Module, fn):
@@ -102,20 +74,7 @@ def call_inside(model: torch.nn.Module, fn):
         # FSDP2 warns that an in-place op on a view it returns would skip its pre-backward hook; the loss
         # loop's outputs (log-probs, router logits: reshaped views) are only read, never written in place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        return model(_softpo_call=fn)
-
-
-def gathered_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor parameter that FSDP2 has not gathered (a plain tensor passes through),
-    with a gradient that is reduce-scattered and averaged over the ranks, as FSDP2 does for the gradients
-    it reduces itself. `full_tensor()` alone treats the incoming gradient as replicated and keeps each rank's
-    slice of its own gradient, unreduced."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    if not isinstance(weight, DTensor):
-        return weight
-    replicated = weight.redistribute(placements=[Replicate()] * weight.device_mesh.ndim)
-    return replicated.to_local(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+        return run_as_forward(model, fn)
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""`softpo compare`: the seeds' comparison in miniature, on the built-in MoE task, recorded.
+"""`softpo compare`: several losses, each trained from several seeds on the built-in MoE task, side by side.
 
 Arms (each a `softpo train` run, several seeds each):
   sapo, gspo, grpo         the presets as they are
-  grpo_r2                  GRPO with routing replay R2 (--routing-replay old)
+  grpo_routing_replay      GRPO whose training forwards reuse the experts of the old log-probs' forward
+                           (--routing-replay old)
   spo                      SPO, every completion freshly sampled
   spo_half                 SPO half-online: half of each step's prompt groups are the run's own samples of
                            the last --replay-steps steps (--replay N --offline-fraction 0.5), so it generates
@@ -29,11 +30,13 @@ import statistics
 import sys
 import time
 
+from softpo.train.flags import HelpFormatter
+
 ARMS = {
     "sapo": ["--loss", "sapo"],
     "gspo": ["--loss", "gspo"],
     "grpo": ["--loss", "grpo"],
-    "grpo_r2": ["--loss", "grpo", "--routing-replay", "old"],
+    "grpo_routing_replay": ["--loss", "grpo", "--routing-replay", "old"],
     "spo": ["--loss", "spo"],
     "spo_half": ["--loss", "spo", "--offline-fraction", "0.5"],
 }
@@ -43,6 +46,10 @@ DRIFTING = ["--minibatches", "4", "--epochs", "2", "--lr", "3e-3"]
 FULL = ["--prompts-per-step", "16", "--group-size", "8"]
 QUICK = ["--hidden-size", "32", "--layers", "1", "--experts", "4", "--prompts-per-step", "4", "--group-size", "4"]
 TARGET = 0.6
+EXAMPLES = """examples:
+  softpo compare --quick --out /tmp/compare
+  softpo compare --arms sapo,grpo,grpo_routing_replay --seeds 3 --jobs 2
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,13 +59,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(prog="softpo compare", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="softpo compare", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                formatter_class=HelpFormatter)
     p.add_argument("--out", default=os.path.join("bench", "results", "compare"), help="results folder")
     p.add_argument("--quick", action="store_true", help="CI size: tiny model, 2 seeds, 4 steps")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    p.add_argument("--seeds", type=int, help="seeds per arm; unset: 3, or 2 with --quick")
-    p.add_argument("--steps", type=int, help="steps per run; unset: 200, or 4 with --quick")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run, any of")
+    p.add_argument("--seeds", type=int, help="seeds per arm; default: 3, or 2 with --quick")
+    p.add_argument("--steps", type=int, help="steps per run; default: 200, or 4 with --quick")
     p.add_argument("--replay-steps", type=int, default=4, help="spo_half: steps of own samples kept for reuse")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
     return p

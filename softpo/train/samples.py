@@ -24,46 +24,15 @@ import os
 import random
 
 import torch
-import torch.distributed as dist
 
 
 class SampleFileError(ValueError):
     """A bad sample file: the message starts with FILE:LINE."""
 
 
-def add_arguments(parser) -> None:
-    g = parser.add_argument_group("off-policy data")
-    g.add_argument("--save-samples", action="store_true",
-                   help="append every step's fresh samples to samples.jsonl in the run directory")
-    g.add_argument("--offline", metavar="FILE[,FILE...]",
-                   help="sample files (JSONL with prompt, completion, reward; completion_ids and logprobs optional)")
-    g.add_argument("--offline-fraction", type=float, metavar="F",
-                   help="share of each step's prompt groups drawn from --offline / --replay data, 0 to 1; "
-                   "unset: 0.5 (SPO's half-online setting) when either is given, else 0")
-    g.add_argument("--replay", type=int, default=0, metavar="N",
-                   help="keep the last N steps' own samples and reuse them as off-policy data")
-
-
-def check_args(args) -> None:
-    if args.replay < 0:
-        raise ValueError(f"--replay must be >= 0, got {args.replay}")
-    has_source = bool(args.offline) or args.replay > 0
-    if args.offline_fraction is None:
-        args.offline_fraction = 0.5 if has_source else 0.0
-    fraction = args.offline_fraction
-    if not (math.isfinite(fraction) and 0 <= fraction <= 1):
-        raise ValueError(f"--offline-fraction must lie in [0, 1], got {fraction}")
-    if fraction > 0 and not has_source:
-        raise ValueError("--offline-fraction needs data: pass --offline FILE or --replay N")
-    if fraction == 1 and not args.offline:
-        raise ValueError("--offline-fraction 1 with only --replay would never generate a sample to replay")
-    for path in offline_paths(args):
-        if not os.path.isfile(path):
-            raise ValueError(f"--offline: file {path!r} not found")
-
-
-def offline_paths(args) -> list[str]:
-    return [p for p in (args.offline or "").split(",") if p]
+def offline_paths(offline: str | None) -> list[str]:
+    """--offline's comma-separated files."""
+    return [p for p in (offline or "").split(",") if p]
 
 
 @dataclasses.dataclass
@@ -293,17 +262,11 @@ def fresh_groups(step, prompts, batch, rewards, old_logp, group_size, tokenizer)
     return groups
 
 
-def save(path: str, step: int, groups: list[Group], world: int) -> None:
-    """Append every rank's fresh samples to `path` (rank 0 writes)."""
+def save(path: str, step: int, groups: list[Group]) -> None:
+    """Append the groups' samples to `path`, one JSON line each."""
     lines = [json.dumps({"step": step, "prompt": g.prompt, "completion": text, "completion_ids": ids,
                          "reward": reward, "logprobs": logprobs})
              for g in groups for text, ids, reward, logprobs in zip(g.texts, g.completions, g.rewards, g.logprobs)]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, lines)
-        lines = [line for part in gathered for line in part]
-        if dist.get_rank() != 0:
-            return
     with open(path, "a", encoding="utf-8") as handle:
         handle.writelines(line + "\n" for line in lines)
 
