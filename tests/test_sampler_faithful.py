@@ -472,3 +472,25 @@ def test_vocab_parallel_sampler_equals_single_process(tmp_path, world):
                 finite = torch.isfinite(want)
                 tol = 1e-9 if case[1] == "torch" and case[2] != "offset" else 2e-4
                 torch.testing.assert_close(value[finite], want[finite], rtol=tol, atol=tol, msg=f"{case} {key}")
+
+
+def test_packed_sequences_take_a_temperature_per_sequence():
+    """cu_seqlens with a temperature per packed sequence ([S]) and truncation equals the padded call."""
+    hidden, weight, targets = lm_head(12, torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False  # the second sequence is 3 tokens long
+    lengths = mask.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    g = torch.Generator().manual_seed(13)
+    advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    old_logp = -2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    temperature = torch.tensor([0.9, 1.2], dtype=torch.float64)
+    config = softpo.SAPO
+    padded = softpo.policy_loss(config, targets, mask, advantages, hidden=hidden, weight=weight, old_logp=old_logp,
+                                temperature=temperature, impl="torch", **TRUNCATING)
+    packed = softpo.policy_loss(config, targets[mask], torch.ones(int(mask.sum()), dtype=torch.bool), advantages,
+                                hidden=hidden[mask], weight=weight, old_logp=old_logp[mask], temperature=temperature,
+                                impl="torch", cu_seqlens=cu, **TRUNCATING)
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-12, atol=1e-12)
+    assert torch.equal(packed.logp, padded.logp[mask])
+    assert packed.metrics["outside_support"] == padded.metrics["outside_support"] > 0
