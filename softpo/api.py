@@ -320,7 +320,8 @@ class PolicyLoss(nn.Module):
 
 
 class TokenLogprobs(nn.Module):
-    """`token_logprobs` with temperature, entropy flag, impl and (for a vocab-parallel lm_head) the group stored."""
+    """`token_logprobs` with temperature, entropy flag, impl and (for a vocab-parallel lm_head) the group stored;
+    logit_scale, softcap, top_k, top_p, min_p and batch_invariant as in `token_logprobs`."""
 
     def __init__(self, temperature: float | torch.Tensor = 1.0, return_entropy: bool = False, impl: str = "auto", *,
                  process_group=None, vocab_start: int | None = None, reduce_hidden_grad: bool = True,
