@@ -35,6 +35,13 @@ def save_checkpoint(run_dir, step, model, optimizer, device, world, extra=None, 
     os.replace(path + ".tmp", path)
 
 
+def save(run, step: int) -> None:
+    """The run's checkpoint after `step` (every rank takes part)."""
+    save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.device, run.world,
+                               {"entropy_control": control_state(run.entropy_control)},
+                               replay=None if run.pool is None else run.pool.recent_state())
+
+
 def init_weights(model, run_dir: str) -> None:
     """--init-from: the weights of an earlier (unsharded) run's checkpoint.pt."""
     path = os.path.join(run_dir, "checkpoint.pt")

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -45,7 +44,7 @@ import time
 import torch
 
 import softpo
-from softpo.train import checkpoint, collectives, flags, fsdp, routing, samples, tasks
+from softpo.train import checkpoint, collectives, flags, fsdp, policy, routing, samples, stopping, tasks
 from softpo.train.collectives import (average_gradients, barrier, gather_over_ranks, gather_varying,
                                       raise_on_every_rank, reduce_metrics, same_on_every_rank, sum_over_ranks)
 from softpo.train.flags import UsageError
@@ -78,7 +77,7 @@ def train(args) -> int:
 
     bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps,
                disable=not run.main_rank or args.no_progress, dynamic_ncols=True)
-    with StopSignals() as signals:
+    with stopping.StopSignals() as signals:
         for step in bar:
             began = time.perf_counter()
             data = collect(run, step)
@@ -90,55 +89,16 @@ def train(args) -> int:
             # One collective per step: a signal may have reached only some ranks, and all stop together.
             stop = collectives.any_rank(signals.received, run.world)
             if stop or (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save(run, step + 1)
+                checkpoint.save(run, step + 1)
                 if run.main_rank and not args.no_progress and data.prompts and not stop:
                     bar.write(f"step {step + 1}: {data.prompts[0]!r} -> {data.batch['texts'][0]!r} "
                               f"(reward {data.rewards[0].item():.2f})")
             if stop:
                 bar.close()
-                return stopped(run, step + 1, signal.Signals(stop))
+                return stopping.stopped(run, step + 1, signal.Signals(stop))
     bar.close()
     finish(run)
     return 0
-
-
-def save(run: Run, step: int) -> None:
-    checkpoint.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.device, run.world,
-                               {"entropy_control": checkpoint.control_state(run.entropy_control)},
-                               replay=None if run.pool is None else run.pool.recent_state())
-
-
-class StopSignals:
-    """SIGINT and SIGTERM, while the block runs, only note that the run should stop: the loop stops at the end
-    of the step, with a checkpoint, rather than wherever the signal lands (in a collective, mid-update)."""
-
-    def __init__(self):
-        self.received = 0
-        self.previous = {}
-
-    def _note(self, signum, frame):
-        self.received = self.received or signum
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._note)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def stopped(run: Run, step: int, signum: signal.Signals) -> int:
-    """The closing line of a run stopped by a signal (checkpoint saved); 128 + the signal's number."""
-    if run.main_rank:
-        resume = f"softpo train --resume {run.run_dir}"
-        if run.world > 1:
-            resume = f"torchrun --nproc-per-node {run.world} -m softpo.train --resume {run.run_dir}"
-        print(f"softpo train: stopped by {signum.name} after step {step} of {run.args.steps}; checkpoint saved in "
-              f"{run.run_dir}; continue with: {resume}", file=sys.stderr)
-    collectives.end_processes(run.world)
-    return 128 + int(signum)
 
 
 @dataclasses.dataclass
@@ -477,7 +437,7 @@ def record(run: Run, step: int, data: Collected, logged: dict, loads: list, elap
         "sampler_logp_gap": sampler_logp_gap(data, run.world),
         "expert_load": torch.stack(loads).mean(0).tolist() if loads else None,
         "tokens_per_s": tokens[0].item() / elapsed,
-        "peak_mem_mb": peak_memory_mb(run.device),
+        "peak_mem_mb": policy.peak_memory_mb(run.device),
         "step_time_s": elapsed,
     }
     history.append(row)
@@ -506,14 +466,8 @@ def finish(run: Run) -> None:
         first = sum(rewarded[:tenth]) / tenth
         last = sum(rewarded[-tenth:]) / tenth
         tokens = max(s.stop - s.start for s in run.slices) * run.args.max_new_tokens
-        vocab = run.model.lm_head.weight.shape[0]
         print(f"reward: first 10% of steps {first:.3f}, last 10% {last:.3f} (gain {last - first:+.3f})")
-        print(f"peak memory: {peak_memory_mb(run.device):.0f} MiB "
-              f"({'CUDA allocated' if run.device.type == 'cuda' else 'process RSS'}); "
-              f"a minibatch's [tokens, vocab] fp32 logits tensor ({tokens} tokens, never formed here) would take "
-              f"{logits_mb(tokens, vocab):.1f} MiB at vocabulary {vocab:,}"
-              + (f", {logits_mb(tokens, QWEN_VOCAB):.1f} MiB at vocabulary {QWEN_VOCAB:,}"
-                 if vocab != QWEN_VOCAB else ""))
+        print(policy.memory_line(run.device, tokens, run.model.lm_head.weight.shape[0]))
         print(f"run directory: {run.run_dir} (config.json, metrics.jsonl, metrics.png, checkpoint.pt)")
     collectives.end_processes(run.world)
 
@@ -542,17 +496,3 @@ def offline_pool(args, config, tokenizer, model, scale_rewards):
     except samples.SampleFileError as error:
         raise UsageError(str(error)) from None
     return samples.Pool(groups, args.replay, score)
-
-
-# Qwen's vocabulary: where the logits tensor softpo avoids is large.
-QWEN_VOCAB = 151_936
-
-
-def logits_mb(tokens: int, vocab: int) -> float:
-    return tokens * vocab * 4 / 2**20
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -7,6 +7,7 @@ reads them with the lm_head weight.
 from __future__ import annotations
 
 import contextlib
+import resource
 
 import torch
 
@@ -163,3 +164,29 @@ def load_balancing(router, valid, num_experts, k):
         picks = [layer[valid].topk(k, dim=-1).indices.flatten() for layer in router]
         load = torch.stack([torch.bincount(p, minlength=num_experts).float() / max(p.numel(), 1) for p in picks])
     return aux, load
+
+
+# Qwen's vocabulary: where the logits tensor softpo avoids is large.
+QWEN_VOCAB = 151_936
+
+
+def logits_mb(tokens: int, vocab: int) -> float:
+    return tokens * vocab * 4 / 2**20
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_line(device, tokens: int, vocab: int) -> str:
+    """The closing memory line: this process's peak, and the [tokens, vocab] logits the loss never formed."""
+    measured = "CUDA allocated" if device.type == "cuda" else "process RSS"
+    line = (f"peak memory: {peak_memory_mb(device):.0f} MiB ({measured}); "
+            f"a minibatch's [tokens, vocab] fp32 logits tensor ({tokens} tokens, never formed here) would take "
+            f"{logits_mb(tokens, vocab):.1f} MiB at vocabulary {vocab:,}")
+    if vocab != QWEN_VOCAB:
+        line += f", {logits_mb(tokens, QWEN_VOCAB):.1f} MiB at vocabulary {QWEN_VOCAB:,}"
+    return line
+
