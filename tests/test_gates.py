@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import softpo
-from softpo.kernels import logits as logits_sweep, terms as token_epilogue
+from softpo.kernels import terms as token_epilogue
 from softpo import objectives
 from softpo.fused import terms_args
 

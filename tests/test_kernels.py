@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import softpo
-from softpo.kernels import logits as logits_sweep, terms as token_epilogue
+from softpo.kernels import logits as logits_sweep
 from softpo import objectives, tiles
 from softpo.fused import triton_fused_token_terms, triton_token_logprobs
 
