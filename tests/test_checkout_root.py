@@ -12,9 +12,11 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The folder that must not be imported as `kernels` (a virtual environment may itself live in the checkout).
+SHADOW = str(ROOT / "kernels")
 PYPI_KERNELS = importlib.util.find_spec("kernels") is not None and not str(
     importlib.util.find_spec("kernels").origin or ""
-).startswith(str(ROOT))
+).startswith(SHADOW)
 
 WHERE_IS_KERNELS = "import kernels; print(getattr(kernels, '__file__', None))"
 # `python -m MODULE` puts the working directory first on sys.path as `-c` does; timeit's setup runs the check.
@@ -29,7 +31,7 @@ def _run(*command, timeout=300):
 
 def _outside_checkout(printed: str) -> bool:
     # A namespace portion has no __file__ (None): it cannot shadow a regular package of the same name.
-    return printed == "None" or not printed.startswith(str(ROOT))
+    return printed == "None" or not printed.startswith(SHADOW)
 
 
 def test_this_process_started_from_the_root_sees_the_installed_kernels():
@@ -37,7 +39,7 @@ def test_this_process_started_from_the_root_sees_the_installed_kernels():
     import kernels
 
     location = getattr(kernels, "__file__", None)
-    assert location is None or not location.startswith(str(ROOT)), location
+    assert location is None or not location.startswith(SHADOW), location
     if PYPI_KERNELS:
         assert "site-packages" in location
 
