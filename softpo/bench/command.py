@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..helptext import HelpFormatter
 from .cases import SETS, case_set
 from .harness import (MIB, WORKER_MARK, add_fractions, best_ceilings, cpu_memory_setup, device_slug, environment,
                       finalize_fractions, measure_ceilings, measure_safely, run_isolated, worker)
@@ -46,8 +47,16 @@ SET_DEFAULTS = {"tiny": {"target_s": 0.05, "isolate": False, "max_input_sets": 1
                 "quick": {"target_s": 1.0, "isolate": False, "max_input_sets": 2}}
 
 
+EXAMPLES = """examples:
+  softpo bench --tiny --device cpu
+  softpo bench --quick --device cpu --out bench/results
+  softpo bench --device cuda --set gpu-headline
+"""
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="softpo bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="softpo bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda when available, else cpu")
     size = parser.add_mutually_exclusive_group()
@@ -66,14 +75,14 @@ def parse_args(argv):
     parser.add_argument("--target-seconds", type=float, default=None,
                         help="timed calls per result until about this long (default 1 on cuda and for --quick, "
                              "2 on cpu, 0.05 for --tiny)")
-    parser.add_argument("--min-samples", type=int, default=3)
-    parser.add_argument("--max-samples", type=int, default=25)
+    parser.add_argument("--min-samples", type=int, default=3, help="fewest timed calls per result")
+    parser.add_argument("--max-samples", type=int, default=25, help="most timed calls per result")
     isolate = parser.add_mutually_exclusive_group()
     isolate.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                          help="each (case, provider) in a fresh process (default on cpu, but for --tiny and --quick)")
-    isolate.add_argument("--no-isolate", dest="isolate", action="store_false")
+    isolate.add_argument("--no-isolate", dest="isolate", action="store_false", help="every result in this process")
     parser.add_argument("--case-timeout", type=float, default=1800, help="seconds per isolated (case, provider)")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="only rewrite the table and plots of a recorded JSON file, next to it")
     parser.add_argument("--vocab-parallel", type=int, metavar="P", default=None,

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from softpo.train.flags import HelpFormatter
+from softpo.helptext import HelpFormatter
 
 ARMS = {
     "sapo": ["--loss", "sapo"],

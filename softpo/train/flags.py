@@ -9,6 +9,7 @@ import os
 import sys
 
 from softpo import config as presets
+from softpo.helptext import HelpFormatter
 from softpo.train import routing, samples, tasks
 
 DESCRIPTION = """Train a language model with RL (SAPO, GRPO, SPO, ...). With no flags, a small random-init
@@ -26,18 +27,6 @@ NOT_SAVED = ("resume", "no_progress", "threads")
 
 class UsageError(Exception):
     """A bad argument found after parsing: reported in one line, exit status 2."""
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples kept as written; an option's default appended to its help once, unless the help says it
-    already or there is nothing to say (unset, or a switch that is off)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if not action.option_strings or unset or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 class _Parser(argparse.ArgumentParser):
