@@ -263,7 +263,9 @@ def test_backend_equals_verl_reference(V, temperature):
     assert ours[0].dtype == ours[1].dtype == torch.float32
     assert ours[0].shape == ours[1].shape == labels.shape
     for what, out, ref, exact in zip(("logp", "entropy", "d_hidden", "d_weight"), ours, verl_ref, gt):
-        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")
+        # Two fp32 sweeps agree to rounding, which scales with the values (d weight reaches about 5 here).
+        scale = 1 + exact.abs().max().item()
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
         # Never worse than verl's own fp32 reference against float64.
         err, ref_err = (out.double() - exact).abs().max(), (ref.double() - exact).abs().max()
         assert err <= ref_err + 1e-5 * (1 + exact.abs().max()), (what, err, ref_err)
