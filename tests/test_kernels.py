@@ -5,10 +5,6 @@ same tests run compiled, plus production-sized shapes.
 """
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from softpo.kernels import logits as logits_sweep
 from softpo import objectives, tiles
 from softpo.fused import triton_fused_token_terms, triton_token_logprobs
 
+from compile_sm90 import compile_in_a_fresh_process
 from reference import (
     all_configs,
     assert_close_to_gt,
@@ -656,76 +653,39 @@ def test_fused_asserts_a_token_level_config():
         )
 
 
-# Compiles every kernel for sm_90 (H100/H200) without a GPU: the interpreter accepts code that the
-# compiler rejects (types of loop bounds, dot shapes, constexpr branches), so CI checks both.
-_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from softpo.kernels import logits, terms
+# Every kernel compiled for sm_90 without a GPU (tests/compile_sm90.py says why).
+_COMPILE_BODY = """
+from softpo.kernels import logits, terms
 
-    SM90_MAX_SHARED = 227 * 1024
-    POINTERS = {"targets_ptr": "*i64", "row_idx_ptr": "*i64", "n_valid_ptr": "*i64", "valid_ptr": "*i1"}
-
-    def compile_kernel(fn, config, dtype, **flags):
-        consts = dict(config.kwargs if config else {}, **flags)
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in POINTERS:
-                signature[name] = POINTERS[name]
-            elif name in ("logits_ptr", "dlogits_ptr", "x_ptr"):
-                signature[name] = "*" + dtype
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32"
-            elif name in ("N", "V", "numel") or name.startswith("stride"):
-                signature[name] = "i32"
-            else:
-                signature[name] = "fp32"
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
-        compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
-        # A config over the per-block shared memory of sm_90 compiles but fails at launch.
-        assert compiled.metadata.shared <= SM90_MAX_SHARED, (fn.__name__, config, compiled.metadata.shared)
-
-    no_terms = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False,
-                    IS_BOUND=0)
-    all_terms = [
-        dict(HAS_TERMS=True, GATE=0, HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, KL=3, KL_RATIO=True, IS_BOUND=2),
-        dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=True, KL=2, KL_RATIO=False, IS_BOUND=1),
-        dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True, IS_BOUND=0),
-    ]
-    fwd_config, bwd_config = logits._FWD_CONFIGS[1][1], logits._BWD_CONFIGS[1][1]
-    no_grad = dict(GRAD_IN_FWD=False, HAS_ENT_GRAD=False)
-    compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **no_terms,
-                   **no_grad)
-    compile_kernel(logits._logits_bwd_kernel, bwd_config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
-    compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False,
-                   **all_terms[2], **no_grad)
-    compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=True, STORE_ENTROPY=False,
-                   **all_terms[1], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
-    compile_kernel(logits._scale_kernel, None, "bf16", BLOCK=8192)
-    compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
-    # Every row of the config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
-    for dtype in ("bf16", "fp32"):
-        for _, config in logits._FWD_CONFIGS:
-            compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
-                           **all_terms[0], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
-        for _, config in logits._BWD_CONFIGS:
-            compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
-    print("compiled")
-    """
-)
+all_terms = [
+    dict(HAS_TERMS=True, GATE=0, HAS_OLD=True, HAS_DELTA=True, HAS_ISW=True, KL=3, KL_RATIO=True, IS_BOUND=2),
+    dict(HAS_TERMS=True, GATE=1, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=True, KL=2, KL_RATIO=False, IS_BOUND=1),
+    dict(HAS_TERMS=True, GATE=2, HAS_OLD=True, HAS_DELTA=False, HAS_ISW=False, KL=1, KL_RATIO=True, IS_BOUND=0),
+]
+fwd_config, bwd_config = logits._FWD_CONFIGS[1][1], logits._BWD_CONFIGS[1][1]
+no_grad = dict(GRAD_IN_FWD=False, HAS_ENT_GRAD=False)
+compile_kernel(logits._logits_fwd_kernel, fwd_config, "bf16", HAS_ROW_IDX=True, STORE_ENTROPY=True, **NO_TERMS,
+               **no_grad)
+compile_kernel(logits._logits_bwd_kernel, bwd_config, "bf16", HAS_ROW_IDX=False, HAS_ENT_GRAD=True)
+compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=False, STORE_ENTROPY=False,
+               **all_terms[2], **no_grad)
+compile_kernel(logits._logits_fwd_kernel, fwd_config, "fp16", HAS_ROW_IDX=True, STORE_ENTROPY=False,
+               **all_terms[1], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
+compile_kernel(logits._scale_kernel, None, "bf16", BLOCK=8192)
+compile_kernel(terms._token_terms_kernel, None, "fp32", HAS_VALID=True, BLOCK=1024, **all_terms[1])
+# Every row of the config list (what SOFTPO_AUTOTUNE=1 may pick), with the widest flag set.
+for dtype in ("bf16", "fp32"):
+    for _, config in logits._FWD_CONFIGS:
+        compile_kernel(logits._logits_fwd_kernel, config, dtype, HAS_ROW_IDX=True, STORE_ENTROPY=True,
+                       **all_terms[0], GRAD_IN_FWD=True, HAS_ENT_GRAD=True)
+    for _, config in logits._BWD_CONFIGS:
+        compile_kernel(logits._logits_bwd_kernel, config, dtype, HAS_ROW_IDX=True, HAS_ENT_GRAD=True)
+"""
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU every kernel runs compiled in the tests above")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = compile_in_a_fresh_process(_COMPILE_BODY)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 

@@ -2,10 +2,6 @@
 thresholds from softpo.sampling) against float64 references built on transformers' warpers; and log-probs
 at large logit offsets against torch's fp32 log_softmax."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +11,8 @@ from softpo import sampling
 from softpo.kernels import logits as logits_sweep
 from softpo.rows import valid_first
 
-from reference import TOLERANCE, assert_close_to_gt
+from compile_sm90 import compile_in_a_fresh_process
+from reference import assert_close_to_gt
 
 pytestmark = [
     pytest.mark.usefixtures("poison_empty"),
@@ -242,52 +239,20 @@ def test_launchers_assert_their_contract():
         logits_sweep.logits_logprob_fwd(x, targets, softcap=0.0)
 
 
-# Compiles the new variants for sm_90 without a GPU, with every flag a compile-time constant.
-_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from softpo.kernels import logits
+# The sampler's kernel variants compiled for sm_90 without a GPU (tests/compile_sm90.py says why).
+_COMPILE_BODY = """
+from softpo.kernels import logits
 
-    POINTERS = {"targets_ptr": "*i64", "row_idx_ptr": "*i64", "n_valid_ptr": "*i64"}
-    NO_TERMS = dict(HAS_TERMS=False, GATE=0, HAS_OLD=False, HAS_DELTA=False, HAS_ISW=False, KL=0, KL_RATIO=False,
-                    IS_BOUND=0)
-
-    def compile_kernel(fn, config, dtype, **flags):
-        consts = dict(config.kwargs, **flags)
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in POINTERS:
-                signature[name] = POINTERS[name]
-            elif name in ("logits_ptr", "dlogits_ptr"):
-                signature[name] = "*" + dtype
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32"
-            elif name in ("N", "V") or name.startswith("stride"):
-                signature[name] = "i32"
-            else:
-                signature[name] = "fp32"
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
-
-    for on in (False, True):
-        sampler = dict(HAS_ROW_TEMPERATURE=on, HAS_SOFTCAP=on, KEEP_MINUS_INF=on, HAS_THRESHOLD=on)
-        compile_kernel(logits._logits_fwd_kernel, logits._FWD_CONFIGS[1][1], "bf16", HAS_ROW_IDX=on,
-                       STORE_ENTROPY=True, GRAD_IN_FWD=on, HAS_ENT_GRAD=on, STORE_LSE_LOW=on, **NO_TERMS, **sampler)
-        compile_kernel(logits._logits_bwd_kernel, logits._BWD_CONFIGS[1][1], "bf16", HAS_ROW_IDX=on,
-                       HAS_ENT_GRAD=True, HAS_LSE_LOW=on, **sampler)
-    print("compiled")
-    """
-)
+for on in (False, True):
+    sampler = dict(HAS_ROW_TEMPERATURE=on, HAS_SOFTCAP=on, KEEP_MINUS_INF=on, HAS_THRESHOLD=on)
+    compile_kernel(logits._logits_fwd_kernel, logits._FWD_CONFIGS[1][1], "bf16", HAS_ROW_IDX=on,
+                   STORE_ENTROPY=True, GRAD_IN_FWD=on, HAS_ENT_GRAD=on, STORE_LSE_LOW=on, **NO_TERMS, **sampler)
+    compile_kernel(logits._logits_bwd_kernel, logits._BWD_CONFIGS[1][1], "bf16", HAS_ROW_IDX=on,
+                   HAS_ENT_GRAD=True, HAS_LSE_LOW=on, **sampler)
+"""
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU every kernel runs compiled in the tests above")
 def test_sampler_variants_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = compile_in_a_fresh_process(_COMPILE_BODY)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
