@@ -151,8 +151,11 @@ def _logits_fwd_kernel(
         if HAS_ENT_GRAD:
             g_ent = tl.load(w_ent_ptr + rows, mask=active, other=0.0)
         if HAS_THRESHOLD:
-            # A target outside the kept set has log-prob -inf whatever the logits: no gradient flows from it.
+            # A target outside the kept set has log-prob -inf whatever the logits: no gradient flows from it, and
+            # its row leaves the loss as if masked, entropy bonus included.
             g_logp = tl.where(z_target == float("-inf"), 0.0, g_logp)
+            if HAS_ENT_GRAD:
+                g_ent = tl.where(z_target == float("-inf"), 0.0, g_ent)
         _store_grad_rows(
             logits_ptr, dlogits_ptr, rows, in_range, active, targets, m, log_s, entropy, g_logp, g_ent,
             V, stride_ln, stride_lv, stride_dn, stride_dv, factor, threshold, logit_scale, softcap, inv_softcap,
@@ -272,7 +275,7 @@ def logits_loss_fwd(logits, targets, terms, w_term, w_entropy=None, *, temperatu
     after its log-sum-exp and its gradient written, so forward and backward take two reads and one write of
     the logits instead of three reads and one write. Returns (logp, lse, entropy or None, term, coef,
     d_logits [N, V] in the logits' dtype, contiguous; masked rows zero). The sampler's transform as in
-    `logits_logprob_fwd`; rows whose target lies below the threshold get no gradient through their term.
+    `logits_logprob_fwd`; rows whose target lies below the threshold get no gradient (they leave the loss).
     """
     assert terms is not None, "the gradient is that of the terms' loss"
     for w in (w_term, w_entropy):

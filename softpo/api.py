@@ -237,7 +237,7 @@ def policy_loss(
         targets=targets, hidden=hidden, weight=weight, logits=logits, where=lambda: mask != 0,
         entropy=isinstance(config, LossConfig) and config.needs_entropy,
     )
-    route, tiles = routes.choose(config, inputs, hidden, weight, logits, shard)
+    route, tiles = routes.choose(config, inputs, hidden, weight, logits, shard, normalizer)
     flat_targets = _local_targets(torch.where(inputs.row_mask, targets.reshape(-1), 0).long(), shard)
     surrogate, terms, logp_rows, entropy_rows = routes.run(route, tiles, config, inputs, flat_targets, _rows(hidden),
                                                            weight, _rows(logits), normalizer, entropy_gather, shard)
@@ -253,7 +253,9 @@ def policy_loss(
     )
     if surrogate is not None:
         # The value is the objective's own; the gradient is the one the fused sweep formed.
-        loss = loss.detach() + (surrogate - surrogate.detach())
+        formed = surrogate - surrogate.detach()
+        scale = routes.truncation_scale(route, config, inputs, normalizer, outside)
+        loss = loss.detach() + (formed if scale is None else formed * scale)
     metrics = functools.partial(objectives.objective_metrics, config, pieces)
     if outside is not None:
         metrics = functools.partial(_with_outside_support, metrics, outside, inputs.mask)

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
 )
 
 import softpo
-from softpo import objectives
+from softpo import objectives, tiles
 
 from distributed import run_group
 from reference import assert_close_to_gt
@@ -189,7 +189,7 @@ def test_triton_inplace_backward_with_the_sampler():
 
 # policy_loss: targets outside the kept set leave the objective as if masked.
 
-def loss_reference(config, source, hidden, weight, targets, mask, kwargs, settings, temperature):
+def loss_reference(config, source, hidden, weight, targets, mask, kwargs, settings, temperature, normalizer=None):
     """(loss, d inputs, outside) in float64: the objective on logp with the outside tokens masked."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
@@ -205,6 +205,7 @@ def loss_reference(config, source, hidden, weight, targets, mask, kwargs, settin
     safe = torch.where(outside, kwargs["old_logp"], logp)
     loss, _ = objectives.objective_loss(config, safe, mask & ~outside, kwargs.get("advantages"),
                                         old_logp=kwargs["old_logp"], ref_logp=kwargs.get("ref_logp"),
+                                        rewards=kwargs.get("rewards"), q0=kwargs.get("q0"), normalizer=normalizer,
                                         entropy=entropy if config.needs_entropy else None)
     return loss.detach(), torch.autograd.grad(loss, leaves), outside
 
@@ -288,6 +289,87 @@ def test_fused_routes_take_the_transform(preset, source, memory, _):
         results.append((out.loss.detach(), *torch.autograd.grad(out.loss, leaves)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+TRUNCATED_ROUTE_CASES = [
+    # (preset, its changes, source, memory, normalizer, the route policy_loss must take). The gradient routes form
+    # each row's gradient with the weights of the mask as given; what truncation changes of them is corrected
+    # by one factor (token-mean), seen whole by a sequence tile (seq-mean-token-mean), or left to "terms" and
+    # "plain" (an entropy bonus beside a normalizer other than the token count).
+    ("SAPO", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "default", None, "gradient"),
+    ("SAPO", dict(loss_aggregation="token-mean", entropy_coef=0.3), "logits", "default", None, "gradient"),
+    ("SAPO", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "flat", None, "gradient"),
+    ("SAPO", dict(loss_aggregation="token-mean", entropy_coef=0.3), "logits", "flat", None, "terms"),
+    ("SAPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("SAPO", dict(entropy_coef=0.3), "hidden", "default", None, "plain"),
+    ("GRPO", dict(), "logits", "default", None, "terms"),
+    ("DR_GRPO", dict(), "hidden", "default", None, "gradient"),
+    ("DAPO", dict(), "hidden", "default", 7.0, "gradient"),
+    ("DAPO", dict(entropy_coef=0.3), "logits", "default", 7.0, "terms"),
+    ("DAPO", dict(entropy_coef=0.3), "hidden", "default", 7.0, "plain"),
+    ("GSPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("GSPO", dict(), "hidden", "flat", None, "sequence-gradient"),
+    ("GSPO_TOKEN", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "default", None,
+     "sequence-gradient"),
+    ("SPO", dict(), "hidden", "default", None, "sequence-gradient"),
+]
+
+
+@pytest.mark.parametrize("preset,changes,source,memory,normalizer,route", [
+    pytest.param(*case, id="-".join([case[0], *(f"{k}={v}" for k, v in case[1].items()), *map(str, case[2:])]))
+    for case in TRUNCATED_ROUTE_CASES])
+@pytest.mark.parametrize("tile", ["whole-batch", "one-sequence"])
+def test_fused_routes_under_truncation(monkeypatch, preset, changes, source, memory, normalizer, route, tile):
+    if tile == "one-sequence":
+        # Tiles of T rows: a tile's gradient is formed before later tiles' targets are known to be outside.
+        for name in ("TILE_BYTES", "FLAT_TILE_BYTES"):
+            monkeypatch.setattr(tiles, name, T * V * 4)
+    config = softpo.preset(preset).replace(beta=0.04, **changes)
+    hidden, weight, targets = lm_head(9, torch.float32)
+    g = torch.Generator().manual_seed(10)
+    # Sampled tokens mostly lie in the kept set: one of each row's two most likely, but for the two least likely.
+    likely = (hidden.double() @ weight.double().T).topk(2, -1).indices
+    drawn = likely.gather(-1, torch.randint(0, 2, (B, T, 1), generator=g))[..., 0]
+    least_likely = torch.zeros(B, T, dtype=torch.bool)
+    least_likely[0, 1] = least_likely[1, 3] = True
+    targets = torch.where(least_likely, targets, drawn)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = False
+    kwargs = dict(old_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                  ref_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64))
+    if config.objective == "spo":
+        kwargs.update(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), q0=torch.zeros(B, dtype=torch.float64))
+    else:
+        kwargs["advantages"] = torch.randn(B, generator=g, dtype=torch.float64)
+    temperature = torch.tensor([0.9, 1.2], dtype=torch.float64)
+    expected, expected_grads, outside = loss_reference(config, source, hidden, weight, targets, mask, kwargs,
+                                                       TRUNCATING, temperature, normalizer)
+    assert outside.any() and (mask & ~outside).any()
+    chosen = []
+    choose = softpo.routes.choose
+
+    def recording_choose(*args, **kwargs):
+        decision = choose(*args, **kwargs)
+        chosen.append(decision[0])
+        return decision
+
+    monkeypatch.setattr(softpo.routes, "choose", recording_choose)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if source == "hidden":
+        inputs, leaves = dict(hidden=h, weight=w), (h, w)
+    else:
+        logits = (hidden.double() @ weight.double().T).float().requires_grad_()
+        inputs, leaves = dict(logits=logits), (logits,)
+    out = softpo.policy_loss(config, targets, mask, temperature=temperature.float(), impl="triton", memory=memory,
+                             normalizer=normalizer, **TRUNCATING, **inputs,
+                             **{k: v.float() for k, v in kwargs.items()})
+    assert chosen == [route]
+    grads = torch.autograd.grad(out.loss, leaves)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=2e-4, atol=2e-4)
+    for got, want in zip(grads, expected_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=2e-4, atol=2e-4)
+    assert torch.equal((out.logp == float("-inf")) & mask, outside)
 
 
 # Batch invariance: the same rows inside batches of different sizes and orders give the same bits.
@@ -474,23 +556,39 @@ def test_vocab_parallel_sampler_equals_single_process(tmp_path, world):
                 torch.testing.assert_close(value[finite], want[finite], rtol=tol, atol=tol, msg=f"{case} {key}")
 
 
-def test_packed_sequences_take_a_temperature_per_sequence():
+@pytest.mark.parametrize("impl,preset,changes", [
+    ("torch", "SAPO", {}),
+    # The Triton gradient routes: sequence tiles, and gradient in the forward with one factor (token-mean).
+    ("triton", "SAPO", {}), ("triton", "GSPO", {}), ("triton", "SAPO", dict(loss_aggregation="token-mean",
+                                                                          entropy_coef=0.3)),
+])
+def test_packed_sequences_take_a_temperature_per_sequence(impl, preset, changes):
     """cu_seqlens with a temperature per packed sequence ([S]) and truncation equals the padded call."""
-    hidden, weight, targets = lm_head(12, torch.float64)
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    hidden, weight, targets = lm_head(12, dtype)
+    likely = (hidden.double() @ weight.double().T).argmax(-1)
+    targets[1, :2] = likely[1, :2]  # two drawn from the kept set, beside the least likely at [1, 3]
     mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, 3:] = False  # the second sequence is 3 tokens long
+    mask[1, 4:] = False  # the second sequence is 4 tokens long
     lengths = mask.sum(1)
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     g = torch.Generator().manual_seed(13)
-    advantages = torch.randn(B, generator=g, dtype=torch.float64)
-    old_logp = -2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    temperature = torch.tensor([0.9, 1.2], dtype=torch.float64)
-    config = softpo.SAPO
-    padded = softpo.policy_loss(config, targets, mask, advantages, hidden=hidden, weight=weight, old_logp=old_logp,
-                                temperature=temperature, impl="torch", **TRUNCATING)
+    advantages = torch.randn(B, generator=g, dtype=dtype)
+    old_logp = -2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    temperature = torch.tensor([0.9, 1.2], dtype=dtype)
+    config = softpo.preset(preset).replace(**changes)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    padded = softpo.policy_loss(config, targets, mask, advantages, hidden=h, weight=w, old_logp=old_logp,
+                                temperature=temperature, impl=impl, **TRUNCATING)
+    padded_grads = torch.autograd.grad(padded.loss, (h, w))
+    h_packed, w = hidden[mask].clone().requires_grad_(), weight.clone().requires_grad_()
     packed = softpo.policy_loss(config, targets[mask], torch.ones(int(mask.sum()), dtype=torch.bool), advantages,
-                                hidden=hidden[mask], weight=weight, old_logp=old_logp[mask], temperature=temperature,
-                                impl="torch", cu_seqlens=cu, **TRUNCATING)
-    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-12, atol=1e-12)
+                                hidden=h_packed, weight=w, old_logp=old_logp[mask], temperature=temperature,
+                                impl=impl, cu_seqlens=cu, **TRUNCATING)
+    packed_grads = torch.autograd.grad(packed.loss, (h_packed, w))
+    tol = 1e-12 if impl == "torch" else 1e-6
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(packed_grads[0], padded_grads[0][mask], rtol=tol, atol=tol)
+    torch.testing.assert_close(packed_grads[1], padded_grads[1], rtol=tol, atol=tol)
     assert torch.equal(packed.logp, padded.logp[mask])
-    assert packed.metrics["outside_support"] == padded.metrics["outside_support"] > 0
+    assert 0 < packed.metrics["outside_support"] == padded.metrics["outside_support"] < 1
