@@ -8,7 +8,7 @@ Each provider runs in a fresh process, measured as `softpo bench` measures CPU m
 allocation of 64 KiB or more to the kernel on free, the peak RSS (VmHWM) is reset by /proc/self/clear_refs
 just before the measured call and read after it, minus the RSS at the reset. The inputs (and the gradients
 of earlier calls, cleared first) are not counted; the d hidden and d weight the call leaves are. One warm-up
-call, then the measured call, then timed calls (median). Writes <out>/cpu-memory-<date>.json.
+call, then the measured call, then timed calls (median). Writes <out>/cpu-memory-<date>-torch<release>.json.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ PROVIDERS = {
     "softpo": "softpo.policy_loss(SAPO, hidden=..., weight=..., impl='torch')",
     "torch-linear-ce": "-F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) as logp, "
                        "then softpo.objectives.policy_objective(SAPO)",
+    # torch's default, options=None: its reference path, the one a call without options takes.
+    "torch-linear-ce-default": "-F.linear_cross_entropy(reduction='none') as logp (options=None), "
+                               "then softpo.objectives.policy_objective(SAPO)",
 }
 MARK = "MEMORY_CPU_RESULT "
 
@@ -77,7 +80,7 @@ def _step(provider: str, x: dict):
             H = x["hidden"].shape[-1]
             neg_ce = torch.nn.functional.linear_cross_entropy(
                 x["hidden"].reshape(-1, H), x["weight"], x["targets"].reshape(-1), reduction="none",
-                options=torch.nn.LinearCrossEntropyOptions())
+                options=torch.nn.LinearCrossEntropyOptions() if provider == "torch-linear-ce" else None)
             logp = -neg_ce.float().view(x["targets"].shape)
             loss, _ = objectives.policy_objective(softpo.SAPO, logp, x["mask"], x["advantages"],
                                                   old_logp=x["old_logp"])
@@ -159,17 +162,19 @@ def main(argv=None) -> int:
         "timing_method": "perf_counter, median of the measured call and the calls after it (warm-up excluded)",
         "results": results,
     }
-    if {"softpo", "torch-linear-ce"} <= by_name.keys():
-        doc["softpo_over_native_peak"] = round(by_name["softpo"]["peak_bytes"] / by_name["torch-linear-ce"]["peak_bytes"],
-                                               3)
+    if "softpo" in by_name:
+        doc["softpo_over_native_peak"] = {
+            name: round(by_name["softpo"]["peak_bytes"] / r["peak_bytes"], 3)
+            for name, r in by_name.items() if name != "softpo"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cpu-memory-{today}.json"
+    torch_release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    path = out / f"cpu-memory-{today}-torch{torch_release}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     for r in results:
-        print(f"{r['provider']:>16}: peak {r['peak_mib']:.1f} MiB, median {r['time_median_s'] * 1e3:.1f} ms")
-    if "softpo_over_native_peak" in doc:
-        print(f"softpo / native peak: {doc['softpo_over_native_peak']:.2f}")
+        print(f"{r['provider']:>23}: peak {r['peak_mib']:.1f} MiB, median {r['time_median_s'] * 1e3:.1f} ms")
+    for name, ratio in doc.get("softpo_over_native_peak", {}).items():
+        print(f"softpo / {name} peak: {ratio:.2f}")
     print(f"wrote {path}")
     return 0
 
