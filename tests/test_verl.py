@@ -361,6 +361,188 @@ def test_use_softpo_linear_cross_entropy_reroutes_verl(monkeypatch):
     assert verl_lce.linear_cross_entropy is plugin.linear_cross_entropy
 
 
+# The sampler's settings through the backend. verl passes only the temperature; use_softpo_linear_cross_entropy
+# adds the rollout's truncation. Each case bites: the "none" case checks the temperature layouts alone.
+SAMPLERS = {
+    "none": {},
+    "top-k": dict(top_k=5),
+    "top-k-off": dict(top_k=-1, top_p=0.7),  # verl's and vLLM's "no top-k"
+    "top-p": dict(top_p=0.6),
+    "min-p": dict(min_p=0.1),
+    "all": dict(top_k=8, top_p=0.85, min_p=0.02, logit_scale=0.8, softcap=4.0),
+}
+# How verl's forwards can hand the temperature over (labels' layout, temperature's layout).
+TEMPERATURES = ["float", "padded-per-sequence", "packed-per-token", "packed-per-token-squeezed"]
+
+
+@pytest.fixture
+def softpo_backend(monkeypatch):
+    """use_softpo_linear_cross_entropy with verl's attribute and the plugin's settings restored afterwards."""
+    from verl.utils.kernel import linear_cross_entropy as verl_lce
+
+    monkeypatch.setattr(verl_lce, "linear_cross_entropy", verl_lce.linear_cross_entropy)
+    monkeypatch.setattr(plugin, "_sampler", dict(plugin._sampler))
+    return verl_lce
+
+
+def sampler_case(layout, seed=3, H=16, V=97):
+    """hidden, weight, labels, temperature as verl's forward passes them, and the per-token temperature [N]."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 5
+    lengths = [5, 2, 4]  # packed: the three sequences back to back, total 11
+    shape = (B, T) if layout in ("float", "padded-per-sequence") else (1, sum(lengths))
+    hidden = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.5 / H ** 0.5)
+    labels = torch.randint(0, V, shape, generator=g)
+    logits = hidden @ weight.T
+    labels.view(-1)[1] = logits.view(-1, V)[1].argmin()  # outside any truncated kept set
+    labels.view(-1)[4] = logits.view(-1, V)[4].argmax()  # inside every one
+    per_sequence = 0.5 + torch.rand(B, generator=g, dtype=torch.float64)
+    if layout == "float":
+        return hidden, weight, labels, 0.8, torch.full((B * T,), 0.8, dtype=torch.float64)
+    if layout == "padded-per-sequence":
+        return hidden, weight, labels, per_sequence.float(), per_sequence.repeat_interleave(T)
+    per_token = per_sequence.repeat_interleave(torch.tensor(lengths))  # verl's expand_as_nested(...).values()
+    given = per_token.float().unsqueeze(0) if layout == "packed-per-token" else per_token.float()
+    return hidden, weight, labels, given, per_token
+
+
+@pytest.mark.parametrize("layout", TEMPERATURES)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_backend_scores_under_the_rollout_sampler(softpo_backend, sampler, layout):
+    # Through verl's looked-up name, as its fused forward calls it; against transformers' warpers in float64.
+    from test_sampler_faithful import warped
+
+    settings = dict(SAMPLERS[sampler])
+    plugin.use_softpo_linear_cross_entropy(**settings)
+    if settings.get("top_k") == -1:
+        settings.pop("top_k")
+    hidden, weight, labels, temperature, per_token = sampler_case(layout)
+    g = torch.Generator().manual_seed(11)
+    d_logp, d_entropy = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+
+    def reference(h, w):
+        z = (h @ w.T).reshape(-1, w.shape[0])
+        logp, entropy, excluded = warped(z, labels.reshape(-1), settings, per_token.to(z.dtype))
+        return logp.view(labels.shape), entropy.view(labels.shape), excluded.view(labels.shape)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logp, entropy, *_ = fn(h, w)
+        upstream = torch.where(torch.isfinite(logp), d_logp.to(logp.dtype), 0)  # an excluded label sends none
+        torch.autograd.backward([torch.where(torch.isfinite(logp), logp, 0), entropy],
+                                [upstream, d_entropy.to(entropy.dtype)])
+        return logp.detach(), entropy.detach(), h.grad, w.grad
+
+    ours = run(lambda h, w: softpo_backend.linear_cross_entropy(h, w, labels, temperature, "none"),
+               hidden.float(), weight.float())
+    ref = run(reference, hidden.float(), weight.float())
+    gt = run(reference, hidden, weight)
+    excluded = reference(hidden, weight)[2]
+    assert ours[0].shape == ours[1].shape == labels.shape and ours[0].dtype == torch.float32
+    assert torch.equal(torch.isneginf(ours[0]), excluded), "exactly the labels outside the kept set get -inf"
+    if sampler == "none":
+        assert not excluded.any()
+    else:
+        assert excluded.any(), "a case whose kept sets hold every label does not test the truncation"
+    for what, out, r, exact in zip(("logp", "entropy", "d_hidden", "d_weight"), ours, ref, gt):
+        if what == "logp":
+            out, r, exact = out[~excluded], r[~excluded], exact[~excluded]
+        err, ref_err = (out.double() - exact).abs().max(), (r.double() - exact).abs().max()
+        assert err <= ref_err + 2e-5 * (1 + exact.abs().max()), (what, err, ref_err)
+
+
+def test_backend_truncation_changes_the_log_probs(softpo_backend):
+    # Guards the test above: the same call with verl's default (no truncation) gives other log-probs.
+    hidden, weight, labels, temperature, _ = sampler_case("packed-per-token")
+    plugin.use_softpo_linear_cross_entropy()
+    full, _ = softpo_backend.linear_cross_entropy(hidden.float(), weight.float(), labels, temperature, "none")
+    plugin.use_softpo_linear_cross_entropy(top_p=0.6)
+    truncated, _ = softpo_backend.linear_cross_entropy(hidden.float(), weight.float(), labels, temperature, "none")
+    kept = torch.isfinite(truncated)
+    assert (truncated[kept] > full[kept] + 1e-4).all(), "renormalized over fewer tokens, each kept label gains"
+    plugin.use_softpo_linear_cross_entropy()
+    again, _ = softpo_backend.linear_cross_entropy(hidden.float(), weight.float(), labels, temperature, "none")
+    assert torch.equal(again, full), "a call with the defaults goes back to verl's full softmax"
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(top_k=-2), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=2.0), "min_p"),
+    (dict(logit_scale=0.0), "logit_scale"), (dict(softcap=0.0), "softcap"), (dict(softcap=float("inf")), "softcap"),
+])
+def test_backend_bad_sampler_settings_raise_naming_the_argument(softpo_backend, kwargs, name):
+    plugin.use_softpo_linear_cross_entropy(top_k=4)
+    with pytest.raises(ValueError, match=name):
+        plugin.use_softpo_linear_cross_entropy(**kwargs)
+    assert plugin._sampler["top_k"] == 4, "a refused call leaves the settings as they were"
+
+
+def test_backend_bad_temperature_raises():
+    hidden, weight, labels, _, _ = sampler_case("packed-per-token")
+    for temperature in (0.0, torch.full((1, 7), 0.8), torch.tensor([0.8, -1.0, 0.9])):
+        with pytest.raises(ValueError, match="temperature"):
+            plugin.linear_cross_entropy(hidden, weight, labels, temperature, "none")
+
+
+def test_sampler_settings_from_the_environment():
+    # A Ray worker gets them at import (SOFTPO_VERL_FUSED_KERNEL=1 with SOFTPO_VERL_TOP_K, ...).
+    env = {"SOFTPO_VERL_TOP_K": "50", "SOFTPO_VERL_TOP_P": "0.9", "SOFTPO_VERL_MIN_P": " ", "SOFTPO_VERL_SOFTCAP": "30"}
+    assert plugin._sampler_from_env(env) == dict(top_k=50, top_p=0.9, softcap=30.0)
+    with pytest.raises(ValueError, match="SOFTPO_VERL_TOP_K"):
+        plugin._sampler_from_env({"SOFTPO_VERL_TOP_K": "0.5"})
+    code = ("import verl; from verl.utils.kernel import linear_cross_entropy as m; "
+            "from softpo.integrations import verl as p; "
+            "print(m.linear_cross_entropy is p.linear_cross_entropy, p._sampler['top_k'], p._sampler['top_p'])")
+    base = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none", "VERL_USE_EXTERNAL_MODULES": "softpo.integrations.verl"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                         env={**base, "SOFTPO_VERL_FUSED_KERNEL": "1", "SOFTPO_VERL_TOP_K": "-1",
+                              "SOFTPO_VERL_TOP_P": "0.95"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "None", "0.95"], out.stdout
+    out = subprocess.run([sys.executable, "-c", "import softpo.integrations.verl"], check=False, capture_output=True,
+                         text=True, timeout=300, env={**base, "SOFTPO_VERL_TOP_P": "0.95"})
+    assert out.returncode != 0 and "SOFTPO_VERL_FUSED_KERNEL" in out.stderr, "a setting left unused must not pass"
+
+
+def test_use_softpo_linear_cross_entropy_rebinds_megatron_forwards(softpo_backend, monkeypatch):
+    # Megatron's fused forwards bind the name at import; an already imported one is rerouted too.
+    import types
+
+    for name in plugin._BOUND_BY_NAME:
+        module = types.ModuleType(name)
+        module.linear_cross_entropy = softpo_backend.linear_cross_entropy
+        monkeypatch.setitem(sys.modules, name, module)
+    plugin.use_softpo_linear_cross_entropy(top_k=3)
+    for name in plugin._BOUND_BY_NAME:
+        assert sys.modules[name].linear_cross_entropy is plugin.linear_cross_entropy, name
+
+
+@pytest.mark.parametrize("info", list(GLOBAL_INFO), ids=list(GLOBAL_INFO))
+@pytest.mark.parametrize("name", list(TWINS))
+def test_losses_leave_out_tokens_outside_the_kept_set(name, info):
+    # Under a truncating backend a response token can get log-prob -inf, now (after an update) or in the old
+    # log-probs. The loss is verl's own on the batch with those tokens masked, divided by the same counts.
+    old, logp, advantages, mask, weights = random_batch(seed=4)
+    config = actor_config("token-mean", GLOBAL_INFO[info])
+    logp_inf, old_inf = logp.clone(), old.clone()
+    logp_inf[0, 2] = logp_inf[4, 1] = float("-inf")
+    old_inf[5, 6] = float("-inf")
+    outside = torch.isneginf(logp_inf) | torch.isneginf(old_inf)
+    assert (mask[outside]).all()
+    ours = loss_and_grad(core_algos.get_policy_loss_fn(name), old_inf, logp_inf, advantages, mask, "token-mean",
+                         config, weights)
+    assert torch.isfinite(ours[0]) and torch.isfinite(ours[1]).all()
+    assert (ours[1][outside] == 0).all()
+    assert ours[2]["actor/softpo/outside_support"] == pytest.approx(3 / mask.sum().item())
+    if info == "local":
+        # verl's local token count is that of the response mask, outside tokens included.
+        config = actor_config("token-mean", {"batch_num_tokens": int(mask.sum())})
+    theirs = loss_and_grad(core_algos.get_policy_loss_fn(TWINS[name]), old, logp, advantages, mask & ~outside,
+                           "token-mean", config, weights)
+    assert_same(ours, theirs)
+
+
 def test_registered_losses_keep_verl_signature():
     # verl calls the loss with these keywords (verl/workers/utils/losses.py: ppo_loss).
     expected = list(inspect.signature(core_algos.compute_policy_loss_vanilla).parameters)

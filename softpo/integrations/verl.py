@@ -16,13 +16,20 @@ Each loss maps verl's actor config to a `softpo.LossConfig` and calls `softpo.ob
 
 `linear_cross_entropy` has the contract of `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`
 and runs `softpo.token_logprobs`; `use_softpo_linear_cross_entropy()` (or SOFTPO_VERL_FUSED_KERNEL=1 at
-import) puts it where verl's fused-kernel forward (`fused_kernels_backend="triton"`) looks it up.
+import) puts it where verl's fused-kernel forward (`fused_kernels_backend="triton"`) looks it up. verl
+scores the full softmax(z / temperature); `use_softpo_linear_cross_entropy(top_k=, top_p=, min_p=, ...)`
+(or SOFTPO_VERL_TOP_K, SOFTPO_VERL_TOP_P, ...) scores under the rollout's truncation instead, and the
+registered losses then leave out a token whose log-prob is -inf (outside the sampler's kept set).
+
+verl hands the policy losses padded [B, T] tensors (its ppo_loss pads the packed log-probs first), so
+they take no cu_seqlens; the fused forward's packed [1, total] rows need none either (one row per token).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -31,6 +38,7 @@ from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 from .. import objectives
 from ..api import token_logprobs
 from ..config import LOSS_AGGREGATIONS, LossConfig, preset
+from ..sampling import check_sampling_args
 
 __all__ = [
     "LOSSES", "linear_cross_entropy", "loss_config", "spo_targets", "use_softpo_linear_cross_entropy",
@@ -145,6 +153,19 @@ def _global_counts(config, mask: torch.Tensor, agg: str) -> tuple[torch.Tensor |
     return count / dp_size, scale
 
 
+def _sampler_support(log_prob, old_log_prob, mask):
+    """(mask, log_prob, old_log_prob, fraction outside): under a truncating sampler (see
+    `use_softpo_linear_cross_entropy`) a response token outside its row's kept set has log-prob -inf, now or
+    when the old log-probs were taken. Such a token leaves the mask and both its log-probs become 0, so no
+    inf reaches the objective and no gradient reaches it; the global counts verl passes still include it."""
+    outside = mask & (torch.isneginf(log_prob) | torch.isneginf(old_log_prob))
+    inside = mask & ~outside
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    fraction = float(outside.sum() / mask.sum().clamp(min=1))
+    return inside, torch.where(outside, zero, log_prob), torch.where(outside, zero.to(old_log_prob.dtype),
+                                                                     old_log_prob), fraction
+
+
 def _metrics(metrics: dict, logp, old_log_prob, mask) -> dict[str, float]:
     out = {f"actor/softpo/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "policy_loss")}
     # verl's own name for the mean of old - new log-prob over response tokens.
@@ -165,15 +186,17 @@ def _make_policy_loss(name: str):
         if config is None:
             raise ValueError(f"{name} needs verl's actor config (config=None)")
         cfg = loss_config(name, config, loss_agg_mode)
-        mask = response_mask.bool()
-        normalizer, scale = _global_counts(config, mask, cfg.loss_aggregation)
+        mask, log_prob, old_log_prob, outside = _sampler_support(log_prob, old_log_prob, response_mask.bool())
+        normalizer, scale = _global_counts(config, response_mask.bool(), cfg.loss_aggregation)
         if scale is not None:
             cfg = cfg.replace(max_completion_length=int(scale))
         loss, metrics = objectives.policy_objective(
             cfg, log_prob, mask, advantages, old_logp=old_log_prob, normalizer=normalizer,
             importance_sampling_ratio=rollout_is_weights,
         )
-        return loss, _metrics(metrics, log_prob, old_log_prob, mask)
+        out = _metrics(metrics, log_prob, old_log_prob, mask)
+        out["actor/softpo/outside_support"] = outside
+        return loss, out
 
     softpo_policy_loss.__name__ = softpo_policy_loss.__qualname__ = f"{name}_policy_loss"
     softpo_policy_loss.__doc__ = f"verl policy loss {name!r}: softpo's objective for verl's actor config."
@@ -270,19 +293,34 @@ def spo_policy_loss(
     if beta is None or not beta > 0:
         raise ValueError(f"actor.kl_loss_coef must be > 0 for softpo_spo (it is SPO's beta), got {beta!r}")
     cfg = preset("spo", beta=float(beta))
-    mask = response_mask.bool()
-    lengths = mask.sum(-1)
+    response = response_mask.bool()
     # The estimator wrote one target per sequence on each of its tokens.
-    target = objectives.masked_sum(advantages, mask, -1) / lengths.clamp(min=1)
+    target = objectives.masked_sum(advantages, response, -1) / response.sum(-1).clamp(min=1)
+    mask, log_prob, old_log_prob, outside = _sampler_support(log_prob, old_log_prob, response)
     loss, q = objectives.spo_loss(cfg, log_prob, mask, old_log_prob, target, torch.zeros_like(target))
-    normalizer, _ = _global_counts(config, mask, "seq-mean-token-mean")
+    normalizer, _ = _global_counts(config, response, "seq-mean-token-mean")
     # spo_loss is the mean over this micro-batch's sequences; verl sums micro-batches, so rescale to the
     # share of the global mean.
     loss = loss * mask.shape[0] / normalizer
     # With q0 = 0 and the target in place of the reward, spo_loss's Q is beta sum_t (logp - old); Q - R is Q - y.
     metrics = {"actor/softpo/spo_q_minus_r": float((q - target).detach().mean()) if q.numel() else 0.0}
     metrics["actor/ppo_kl"] = float(objectives.masked_mean((old_log_prob - log_prob).detach(), mask))
+    metrics["actor/softpo/outside_support"] = outside
     return loss, metrics
+
+
+# The sampler's settings that `linear_cross_entropy` scores under, set by `use_softpo_linear_cross_entropy`.
+# The default keeps every token: verl's own fused and unfused forwards apply the temperature only.
+_sampler = dict(logit_scale=1.0, softcap=None, top_k=None, top_p=None, min_p=None)
+
+
+def _temperature_for(labels: torch.Tensor, temperature):
+    """verl's packed per-token temperature may come squeezed ([total] next to labels [1, total]): give it the
+    labels' shape. Anything else goes to token_logprobs as given (a float, [B] per sequence, per token)."""
+    if (isinstance(temperature, torch.Tensor) and temperature.dim() == 1 and labels.dim() == 2
+            and labels.shape[0] == 1 and labels.shape[1] > 1 and temperature.shape[0] == labels.shape[1]):
+        return temperature.view(labels.shape)
+    return temperature
 
 
 def linear_cross_entropy(
@@ -298,17 +336,25 @@ def linear_cross_entropy(
     hidden [..., H], weight [V, H], labels [...] (in [0, V); a masked position needs a valid label
     and gets no gradient when its upstream gradient is zero). Returns log softmax(hidden @ weight.T /
     temperature)[labels] with labels' shape (reduction "none"), or their sum or mean (a scalar), and the
-    entropy per token. `temperature` may also be a tensor with labels' shape (one value per token: verl's
-    remove-padding path packs the batch as hidden [1, total, H], labels [1, total]) or, for labels [B, T],
-    one per sequence [B]; it is handed to `softpo.token_logprobs` as given. The sampler's top-k / top-p are
-    not part of this contract (verl does not pass them here): the log-probs are those of the full
-    softmax(z / temperature). Triton kernels on CUDA, the chunked torch sweep elsewhere. A vocab-parallel
-    `dist_process_group` (weight holds this rank's vocabulary shard) needs a softpo whose token_logprobs
-    takes `process_group=`.
+    entropy per token. Each token reads its own row, so a packed batch (verl's remove-padding path:
+    hidden [1, total, H], labels [1, total]) needs no sequence boundaries here.
+
+    `temperature` is what verl passes: a float (verl 0.9.1's fused forwards refuse a per-sample temperature
+    and pass the rollout's scalar). A tensor is taken too: one value per token with labels' shape (or
+    [total] next to labels [1, total], verl's packed per-token layout), or one per sequence [B] for labels
+    [B, T].
+
+    verl scores the full softmax(z / temperature); the rollout's top-k / top-p never reach this contract.
+    After `use_softpo_linear_cross_entropy(top_k=..., top_p=..., min_p=..., logit_scale=..., softcap=...)`
+    the log-probs and entropy are those of that truncated sampler's distribution (`softpo.token_logprobs`):
+    a label outside its row's kept set gets log-prob -inf and no gradient.
+
+    Triton kernels on CUDA, the chunked torch sweep elsewhere. A vocab-parallel `dist_process_group` (weight
+    holds this rank's vocabulary shard) needs a softpo whose token_logprobs takes `process_group=`.
     """
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
-    kwargs = {}
+    kwargs = dict(_sampler)
     if dist_process_group is not None:
         if "process_group" not in inspect.signature(token_logprobs).parameters:
             raise ValueError("dist_process_group: this softpo's token_logprobs has no vocab-parallel sweep "
@@ -324,8 +370,8 @@ def linear_cross_entropy(
         # Under FSDP mixed precision the head's weight can arrive in its storage dtype next to hidden
         # states in the compute dtype: the sweep runs in the compute dtype, the cast passes gradients back.
         weight = weight.to(hidden.dtype)
-    logp, entropy = token_logprobs(labels, hidden=hidden, weight=weight, temperature=temperature,
-                                   return_entropy=True, **kwargs)
+    logp, entropy = token_logprobs(labels, hidden=hidden, weight=weight,
+                                   temperature=_temperature_for(labels, temperature), return_entropy=True, **kwargs)
     logp, entropy = logp.float(), entropy.float()
     if reduction == "sum":
         logp = logp.sum()
@@ -334,16 +380,73 @@ def linear_cross_entropy(
     return logp, entropy
 
 
-def use_softpo_linear_cross_entropy() -> None:
-    """Make verl's fused-kernel forward (model.use_fused_kernels with impl_backend="triton") call softpo.
+# verl modules that bind `linear_cross_entropy` by name when imported (Megatron's fused forwards); the
+# transformers forwards look it up in verl.utils.kernel.linear_cross_entropy at each call.
+_BOUND_BY_NAME = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
 
-    verl's patched forward imports `linear_cross_entropy` from `verl.utils.kernel.linear_cross_entropy`
-    at each call, so replacing that attribute reroutes every model family that goes through it.
+
+def use_softpo_linear_cross_entropy(
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> None:
+    """Make verl's fused-kernel forward (model.use_fused_kernels with impl_backend="triton") call softpo,
+    scoring under the given sampler settings.
+
+    verl's patched transformers forward imports `linear_cross_entropy` from
+    `verl.utils.kernel.linear_cross_entropy` at each call, so replacing that attribute reroutes every model
+    family that goes through it; Megatron's fused forwards, which bind the name at import, are rerouted
+    too when already imported (and bind softpo's when imported later).
+
+    top_k, top_p, min_p, logit_scale, softcap: the distribution the log-probs are taken under, as in
+    `softpo.token_logprobs` (applied after the temperature verl passes). The defaults keep every token,
+    which is what verl computes. Set them to the rollout's `actor_rollout_ref.rollout.top_k` / `top_p` to
+    train on the log-probs of the distribution the rollout sampled from; top_k=-1 (verl's and vLLM's
+    "off") is taken as None. Each call replaces the previous settings. Bad values raise ValueError
+    naming the argument.
     """
     from verl.utils.kernel import linear_cross_entropy as verl_lce
 
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k == -1:
+        top_k = None
+    settings = dict(logit_scale=logit_scale, softcap=softcap, top_k=top_k, top_p=top_p, min_p=min_p)
+    check_sampling_args(**settings)
+    _sampler.update(settings)
     verl_lce.linear_cross_entropy = linear_cross_entropy
+    for name in _BOUND_BY_NAME:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "linear_cross_entropy"):
+            module.linear_cross_entropy = linear_cross_entropy
+
+
+# Environment variable -> (argument of use_softpo_linear_cross_entropy, its type): how a Ray worker, which
+# imports this module at start-up, receives the settings (ray_kwargs.ray_init.runtime_env.env_vars).
+_SAMPLER_ENV = {
+    "SOFTPO_VERL_TOP_K": ("top_k", int),
+    "SOFTPO_VERL_TOP_P": ("top_p", float),
+    "SOFTPO_VERL_MIN_P": ("min_p", float),
+    "SOFTPO_VERL_LOGIT_SCALE": ("logit_scale", float),
+    "SOFTPO_VERL_SOFTCAP": ("softcap", float),
+}
+
+
+def _sampler_from_env(environ) -> dict:
+    settings = {}
+    for variable, (argument, kind) in _SAMPLER_ENV.items():
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        try:
+            settings[argument] = kind(text)
+        except ValueError:
+            raise ValueError(f"{variable} ({argument}) must be {'an int' if kind is int else 'a float'}, "
+                             f"got {text!r}") from None
+    return settings
 
 
 if os.environ.get("SOFTPO_VERL_FUSED_KERNEL", "0") == "1":
-    use_softpo_linear_cross_entropy()
+    use_softpo_linear_cross_entropy(**_sampler_from_env(os.environ))
+elif any(os.environ.get(variable, "").strip() for variable in _SAMPLER_ENV):
+    raise ValueError(f"{sorted(_SAMPLER_ENV)} apply to softpo's fused backend: set SOFTPO_VERL_FUSED_KERNEL=1 too")
