@@ -95,22 +95,22 @@ def logprob_sweep(path, targets, *, hidden, weight, logits, temperature, return_
                   transform=SamplerTransform(), batch_invariant=False):
     """The plain route: (logp [N], entropy [N] or None) from flat inputs on the chosen path.
 
-    The single-process torch path and compiled Triton calls run the custom ops of `softpo.ops`; a
-    vocabulary shard (a process group is no op argument), eager Triton calls and the sampler's options (a
-    temperature tensor, a transform, batch invariance) the autograd Functions."""
+    The single-process torch path and compiled Triton calls run the custom ops of `softpo.ops`, the sampler's
+    settings as their arguments; a vocabulary shard (a process group is no op argument) and eager Triton calls
+    the autograd Functions."""
     sampler = dict(transform=transform, batch_invariant=batch_invariant)
-    plain = transform == SamplerTransform() and not isinstance(temperature, torch.Tensor) and not batch_invariant
-    if path == "torch" and shard is None and plain:
+    op_sampler = ops.sampler_args(temperature, transform, batch_invariant)
+    if path == "torch" and shard is None:
         valid = torch.ones(targets.shape, dtype=torch.bool, device=targets.device) if valid is None else valid
-        logp, entropy, _ = ops.chunked_logprob(targets, valid, hidden, weight, logits, temperature, return_entropy,
+        logp, entropy, _ = ops.chunked_logprob(targets, valid, hidden, weight, logits, *op_sampler, return_entropy,
                                                chunked.TOKEN_CHUNK, chunked.VOCAB_CHUNK, flat_memory)
         return logp, entropy if return_entropy else None
     if path == "torch":
         return chunked.chunked_token_logprobs(targets, hidden=hidden, weight=weight, logits=logits,
                                               temperature=temperature, return_entropy=return_entropy, valid=valid,
                                               shard=shard, flat_memory=flat_memory, **sampler)
-    if torch.compiler.is_compiling() and shard is None and not inplace_backward and plain:
-        logp, entropy, _ = ops.triton_logprob(targets.contiguous(), valid, hidden, weight, logits, temperature,
+    if torch.compiler.is_compiling() and shard is None and not inplace_backward:
+        logp, entropy, _ = ops.triton_logprob(targets.contiguous(), valid, hidden, weight, logits, *op_sampler,
                                               return_entropy, flat_memory)
         return logp, entropy if return_entropy else None
     return _triton()[0].triton_token_logprobs(

@@ -103,3 +103,53 @@ def test_inductor_compiles_the_torch_path():
     torch.testing.assert_close(loss, loss_fn(hidden, weight), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h0.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, w0.grad, rtol=1e-5, atol=1e-6)
+
+
+SAMPLERS = [
+    pytest.param(dict(temperature="per-sequence"), id="temperature-per-sequence"),
+    pytest.param(dict(logit_scale=0.7, softcap=3.0), id="scale-softcap"),
+    pytest.param(dict(top_k=9, top_p=0.8, min_p=0.02, softcap=3.0), id="truncated"),
+    pytest.param(dict(batch_invariant=True, temperature="per-sequence"), id="batch-invariant"),
+]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("source", ["hidden", "logits"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_compiled_sampler_settings_match_eager(sampler, source, impl):
+    """The sampler's settings reach the custom ops as arguments: still one graph, the eager results."""
+    hidden, weight, targets, mask, extra = _inputs(3)
+    extra.pop("rewards"), extra.pop("q0")
+    sampler = dict(sampler)
+    if sampler.get("temperature") == "per-sequence":
+        sampler["temperature"] = torch.tensor([0.8, 1.3])
+    # Targets mostly among each row's likeliest, as a sampler's are; one at the least likely, outside any cut.
+    logits = hidden @ weight.T
+    targets = logits.topk(3, -1).indices[..., 1]
+    targets[1, 2] = logits[1, 2].argmin()
+
+    def loss_fn(hidden, weight):
+        sweep = {"hidden": hidden, "weight": weight} if source == "hidden" else {"logits": hidden @ weight.T}
+        out = softpo.policy_loss(softpo.SAPO.replace(entropy_coef=0.01), targets, mask, impl=impl, **sampler,
+                                 **sweep, **extra)
+        return out.loss, out.logp, out.metrics
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, compiled):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, logp, metrics = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), logp, {k: v.detach() for k, v in metrics.items()}, h.grad, w.grad))
+    (loss0, logp0, m0, dh0, dw0), (loss1, logp1, m1, dh1, dw1) = results
+    if "top_k" in sampler:
+        assert m0["outside_support"] > 0 and (logp0 == float("-inf")).any()
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp1, logp0, rtol=1e-5, atol=1e-6)
+    assert m1.keys() == m0.keys()
+    for key in m0:
+        torch.testing.assert_close(m1[key], m0[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.isfinite(dh1).all() and dh0.abs().sum() > 0
+    torch.testing.assert_close(dh1, dh0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw1, dw0, rtol=1e-5, atol=1e-6)

@@ -149,8 +149,9 @@ def test_loss_forward_writes_the_same_gradient_with_thresholds():
     terms = token_epilogue.TermsArgs(advantages=adv)
     logp, lse, entropy, term, coef, d_x = logits_sweep.logits_loss_fwd(x, targets, terms, w, w_ent,
                                                                        return_entropy=True, **kw)
+    # A row whose target is outside the kept set leaves the loss: no gradient from its term or its entropy.
     d_ref = logits_sweep.logits_logprob_bwd(x, targets, lse, (w * coef).contiguous(), entropy=entropy,
-                                            g_entropy=w_ent, **kw)
+                                            g_entropy=torch.where(logp == float("-inf"), 0.0, w_ent), **kw)
     assert (logp == float("-inf")).any() and torch.isfinite(d_x).all()
     torch.testing.assert_close(d_x, d_ref, rtol=1e-5, atol=1e-7)
 
