@@ -51,8 +51,9 @@ def _triton():
 
 
 def _global_token_mean(config, normalizer) -> bool:
-    """Whether the loss divides by the count of valid tokens in the batch (policy terms and entropy alike)."""
-    return config.loss_aggregation == "token-mean" and normalizer is None
+    """Whether the loss divides by the count of valid tokens in the batch (policy terms and entropy alike). SPO's
+    loss is a mean over sequences whatever loss_aggregation says: only its entropy bonus is over the tokens."""
+    return config.objective != "spo" and config.loss_aggregation == "token-mean" and normalizer is None
 
 
 def _weights_hold_under_truncation(config, normalizer, whole_sequences: bool) -> bool:

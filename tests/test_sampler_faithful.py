@@ -312,6 +312,10 @@ TRUNCATED_ROUTE_CASES = [
     ("GSPO_TOKEN", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "default", None,
      "sequence-gradient"),
     ("SPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    # SPO's loss is a mean over sequences whatever loss_aggregation says: no token-count factor, and its entropy
+    # bonus (over the tokens) beside it takes "plain".
+    ("SPO", dict(loss_aggregation="token-mean"), "hidden", "default", None, "sequence-gradient"),
+    ("SPO", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "default", None, "plain"),
 ]
 
 
@@ -371,6 +375,153 @@ def test_fused_routes_under_truncation(monkeypatch, preset, changes, source, mem
         torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=2e-4, atol=2e-4)
     assert torch.equal((out.logp == float("-inf")) & mask, outside)
 
+
+
+def truncated_call(config, source, *, outside, mask, normalizer=None, memory="default", dtype=torch.float32, seed=9,
+                   impl="triton"):
+    """(policy_loss output, its leaves, the float64 reference's (loss, grads, outside)) with the targets at `outside`
+    the least likely token of their row (outside the kept set of TRUNCATING) and the others one of the two most
+    likely; old_logp, ref_logp, advantages (or SPO's rewards and q0) drawn, temperature per sequence."""
+    hidden, weight, _ = lm_head(seed, torch.float64)
+    logits = hidden @ weight.T
+    g = torch.Generator().manual_seed(seed + 1)
+    drawn = logits.topk(2, -1).indices.gather(-1, torch.randint(0, 2, (B, T, 1), generator=g))[..., 0]
+    targets = torch.where(outside, logits.argmin(-1), drawn)
+    kwargs = dict(old_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                  ref_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64))
+    if config.objective == "spo":
+        kwargs.update(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), q0=torch.zeros(B, dtype=torch.float64))
+    else:
+        kwargs["advantages"] = torch.randn(B, generator=g, dtype=torch.float64)
+    temperature = torch.tensor([0.9, 1.2], dtype=torch.float64)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    expected = loss_reference(config, source, hidden, weight, targets, mask, kwargs, TRUNCATING, temperature,
+                              normalizer)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if source == "hidden":
+        inputs, leaves = dict(hidden=h, weight=w), (h, w)
+    else:
+        x = (hidden.double() @ weight.double().T).to(dtype).requires_grad_()
+        inputs, leaves = dict(logits=x), (x,)
+    out = softpo.policy_loss(config, targets, mask, temperature=temperature.to(dtype), impl=impl, memory=memory,
+                             normalizer=normalizer, **TRUNCATING, **inputs,
+                             **{k: v.to(dtype) for k, v in kwargs.items()})
+    return out, leaves, expected
+
+
+def record_routes(monkeypatch):
+    chosen, choose = [], softpo.routes.choose
+
+    def recording_choose(*args, **kwargs):
+        decision = choose(*args, **kwargs)
+        chosen.append(decision[0])
+        return decision
+
+    monkeypatch.setattr(softpo.routes, "choose", recording_choose)
+    return chosen
+
+
+EMPTIED_CASES = [
+    # (preset, changes, source, memory, normalizer, route): each gradient route, its token-count factor and the
+    # per-sequence counts it must see, when truncation leaves a sequence, or the whole batch, without a token.
+    ("DAPO", dict(), "hidden", "default", None, "gradient"),
+    ("DAPO", dict(), "logits", "default", None, "gradient"),
+    ("BNPO", dict(entropy_coef=0.3), "hidden", "flat", None, "gradient"),
+    ("CISPO", dict(entropy_coef=0.3), "logits", "default", None, "gradient"),
+    ("DR_GRPO", dict(), "hidden", "default", 3.0, "gradient"),
+    ("GRPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("GRPO", dict(), "logits", "default", None, "terms"),
+    ("GSPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("GSPO_TOKEN", dict(loss_aggregation="token-mean", entropy_coef=0.3), "hidden", "flat", None,
+     "sequence-gradient"),
+    ("LUSPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("VESPO", dict(), "hidden", "default", None, "sequence-gradient"),
+    ("SPO", dict(), "hidden", "default", None, "sequence-gradient"),
+]
+
+
+@pytest.mark.parametrize("preset,changes,source,memory,normalizer,route", [
+    pytest.param(*case, id="-".join([case[0], *(f"{k}={v}" for k, v in case[1].items()), *map(str, case[2:])]))
+    for case in EMPTIED_CASES])
+@pytest.mark.parametrize("emptied", ["one-sequence", "every-sequence"])
+def test_fused_routes_when_truncation_empties_sequences(monkeypatch, preset, changes, source, memory, normalizer,
+                                                        route, emptied):
+    # Tiles of one sequence: the emptied sequence's tile and the other's form their gradients apart.
+    for name in ("TILE_BYTES", "FLAT_TILE_BYTES"):
+        monkeypatch.setattr(tiles, name, T * V * 4)
+    config = softpo.preset(preset).replace(beta=0.04, **changes)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = mask[0, 2] = False
+    outside = torch.zeros(B, T, dtype=torch.bool)
+    outside[1] = True  # every valid token of the second sequence
+    if emptied == "every-sequence":
+        outside[:] = True  # count kept 0: the loss is finite and has no gradient
+    else:
+        outside[0, 3] = True
+    chosen = record_routes(monkeypatch)
+    out, leaves, (expected, expected_grads, reference_outside) = truncated_call(
+        config, source, outside=outside, mask=mask, normalizer=normalizer, memory=memory)
+    assert chosen == [route]
+    assert torch.equal(reference_outside, outside & mask)
+    grads = torch.autograd.grad(out.loss, leaves)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=2e-4, atol=2e-4)
+    for got, want in zip(grads, expected_grads):
+        assert torch.isfinite(got).all()
+        if emptied == "every-sequence":
+            assert not got.any()
+        torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=2e-4, atol=2e-4)
+    assert torch.equal(out.logp == float("-inf"), outside & mask)
+    assert out.metrics["outside_support"].item() == pytest.approx((outside & mask).sum().item() / mask.sum().item())
+
+
+@pytest.mark.parametrize("preset,changes,source,route", [
+    ("DAPO", dict(entropy_coef=0.3), "hidden", "gradient"),
+    ("DAPO", dict(entropy_coef=0.3), "logits", "gradient"),  # d logits scaled in place in the backward
+    ("VESPO", dict(), "hidden", "sequence-gradient"),
+])
+def test_truncation_factor_follows_the_upstream_gradient(monkeypatch, preset, changes, source, route):
+    """(c * loss).backward() gives c times the gradient with the token-count factor applied, in every dtype the
+    factor could be folded into; a second backward through one call is still refused."""
+    config = softpo.preset(preset).replace(beta=0.04, **changes)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = False
+    outside = torch.zeros(B, T, dtype=torch.bool)
+    outside[0, 1] = outside[1, 3] = outside[1, 0] = True
+    chosen = record_routes(monkeypatch)
+    grads = {}
+    for c in (1.0, 2.0, -0.5):
+        out, leaves, (_, expected_grads, _) = truncated_call(config, source, outside=outside, mask=mask)
+        (c * out.loss).backward(retain_graph=c == -0.5)
+        grads[c] = [leaf.grad for leaf in leaves]
+    assert chosen == [route] * 3
+    for got, want in zip(grads[1.0], expected_grads):
+        torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=2e-4, atol=2e-4)
+    for c in (2.0, -0.5):
+        for got, once in zip(grads[c], grads[1.0]):
+            torch.testing.assert_close(got, c * once, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("preset,changes", [("DAPO", dict(entropy_coef=0.3)), ("GRPO", dict())])
+def test_fused_routes_under_truncation_in_bf16(preset, changes):
+    """bf16 logits: the fused routes (gradient with its factor, terms) against the chunked torch path on the same
+    logits. (On the hidden path the logits tiles are rounded to the inputs' dtype, which moves ties at the
+    top-k boundary: no float64 reference of the unrounded product applies there.)"""
+    config = softpo.preset(preset).replace(beta=0.04, **changes)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = False
+    outside = torch.zeros(B, T, dtype=torch.bool)
+    outside[0, 1] = outside[1, 3] = outside[1, 0] = True
+    results = []
+    for impl in ("triton", "torch"):
+        out, leaves, _ = truncated_call(config, "logits", outside=outside, mask=mask, dtype=torch.bfloat16, impl=impl)
+        assert torch.equal(out.logp == float("-inf"), outside & mask)
+        results.append((out.loss.detach().float(), *(g.float() for g in torch.autograd.grad(out.loss, leaves))))
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() <= 1e-2 * want.norm()
 
 # Batch invariance: the same rows inside batches of different sizes and orders give the same bits.
 
