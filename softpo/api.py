@@ -200,10 +200,11 @@ def policy_loss(
     (SPO); normalizer: the count the loss's sums are divided by ("token-mean": tokens, the "seq-mean-*"
     modes: sequences; e.g. the global count across ranks and accumulation steps), default the local one;
     entropy_gather: see `objectives.high_entropy_mask`.
-    temperature ([B] per sequence, [B, T] per token, or a float; packed: [S] or [total]), logit_scale, softcap, top_k, top_p, min_p,
-    batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a target outside its
+    temperature ([B] per sequence, [B, T] per token, or a float; packed: [S] or [total]), logit_scale, softcap,
+    top_k, top_p, min_p, batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a target outside its
     row's kept set (logp -inf) is left out of the objective as if masked (policy and KL terms, normalizers),
-    and metrics["outside_support"] gives the fraction of unmasked tokens so treated.
+    and metrics["outside_support"] gives the fraction of unmasked tokens so treated. old_logp taken under the same
+    truncation may be -inf at such tokens: they are left out the same way (their logp is then not computed: 0).
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
     memory: "default" or "flat", as in `token_logprobs`. Where the gradient is formed in the forward (see
@@ -257,8 +258,8 @@ def policy_loss(
         scale = routes.truncation_scale(route, config, inputs, normalizer, outside)
         loss = loss.detach() + (formed if scale is None else formed * scale)
     metrics = functools.partial(objectives.objective_metrics, config, pieces)
-    if outside is not None:
-        metrics = functools.partial(_with_outside_support, metrics, outside, inputs.mask)
+    if outside is not None or inputs.outside_before is not None:
+        metrics = functools.partial(_with_outside_support, metrics, outside, inputs)
     return PolicyLossOutput(
         loss=loss, logp=logp_rows.detach().view(targets.shape),
         entropy=None if entropy_rows is None else entropy_rows.detach().view(targets.shape),
@@ -278,9 +279,14 @@ def _sampler_support(inputs, logp, V):
     return inputs.mask & ~outside, torch.where(outside, stand_in.to(logp.dtype), logp), outside
 
 
-def _with_outside_support(metrics, outside, mask):
+def _with_outside_support(metrics, outside, inputs):
+    """metrics() with the fraction of unmasked tokens left out as outside the kept set, now or when old_logp was
+    taken (those already left `inputs.mask` at validation)."""
     values = metrics()
-    values["outside_support"] = (outside.sum() / mask.sum().clamp(min=1)).float().detach()
+    before = inputs.outside_before
+    outside = before if outside is None else outside if before is None else outside | before
+    given = inputs.mask if before is None else inputs.mask | before
+    values["outside_support"] = (outside.sum() / given.sum().clamp(min=1)).float().detach()
     return values
 
 

@@ -189,11 +189,11 @@ def check_target_range(checks, targets, V, where=None):
 
 
 def check_per_token(checks, name, tensor, shape, device, *, mask=None, required=None, dtype=torch.float32,
-                    shape_text=None):
+                    shape_text=None, minus_inf_means=None):
     """A per-token or per-sequence float tensor: shape, device, finiteness (where mask), as `dtype`.
 
     required: why the configuration needs it (raised when it is None); shape_text: the accepted shapes, when
-    more than `shape`."""
+    more than `shape`; minus_inf_means: where -inf is accepted too, what it stands for (said in the error)."""
     if tensor is None:
         if required:
             raise ValueError(f"{name} is required: {required}")
@@ -207,7 +207,12 @@ def check_per_token(checks, name, tensor, shape, device, *, mask=None, required=
     tensor = tensor.detach().to(dtype)
     finite = torch.isfinite(tensor)
     if mask is not None:
-        checks.add(f"{name} must be finite at every unmasked position", ~(finite | ~mask).all())
+        if minus_inf_means is None:
+            checks.add(f"{name} must be finite at every unmasked position", ~(finite | ~mask).all())
+        else:
+            accepted = finite | (tensor == float("-inf"))
+            checks.add(f"{name} must be finite, or -inf ({minus_inf_means}), at every unmasked position",
+                       ~(accepted | ~mask).all())
         # Padded positions may hold anything; zero them so they cannot reach the math.
         return torch.where(mask, tensor, torch.zeros_like(tensor))
     checks.add(f"{name} must be finite", ~finite.all())
@@ -245,6 +250,7 @@ class LossInputs:
     layout: PackedLayout | None = None
     transform: sampling.SamplerTransform = sampling.SamplerTransform()
     batch_invariant: bool = False
+    outside_before: torch.Tensor | None = None  # unmasked tokens whose old_logp is -inf, left out of `mask`
     row_mask: torch.Tensor = field(init=False)  # the mask in the sweep's row order, [N]
 
     def __post_init__(self):
@@ -321,8 +327,18 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
 
     # The O(tokens) math runs in the sweep's precision: fp32, or float64 for float64 inputs.
     dtype = accumulation_dtype((logits if logits is not None else hidden).dtype)
+    # Whether the sampler may truncate at all (a vocabulary shard's V is not the whole vocabulary's).
+    truncates = transform.truncates(float("inf"))
     old_logp = check_per_token(checks, "old_logp", old_logp, tokens, device, mask=mask, dtype=dtype,
-                               shape_text=tokens_text)
+                               shape_text=tokens_text,
+                               minus_inf_means="a target outside the kept set when it was taken" if truncates else None)
+    outside_before = None
+    if truncates and old_logp is not None:
+        # An old log-prob taken under the same truncation is -inf where its target was outside the kept set
+        # then: that token leaves the objective as if masked, as one outside now does (known before the sweep).
+        outside_before = mask & (old_logp == float("-inf"))
+        mask = mask & ~outside_before
+        old_logp = torch.where(outside_before, torch.zeros_like(old_logp), old_logp)
     ref_logp = check_per_token(checks, "ref_logp", ref_logp, tokens, device, mask=mask, dtype=dtype,
                                required=_why_ref_logp(config), shape_text=tokens_text)
     rollout_logp = check_per_token(checks, "rollout_logp", rollout_logp, tokens, device, mask=mask, dtype=dtype,
@@ -371,9 +387,9 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
         layout, valid_counts = _packed_layout(cu_seqlens, checks.run(
             torch.cat([segment_sums(mask.long(), cu_seqlens), cu_seqlens.long()])))
         # The objective's layout: per-token inputs (1-D) padded, per-sequence ones ([S], [S, 1]) as they are.
-        mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio = (
+        mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio, outside_before = (
             t if t is None or t.dim() != 1 else layout.to_padded(t) for t in
-            (mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio))
+            (mask, old_logp, ref_logp, rollout_logp, advantages, importance_sampling_ratio, outside_before))
     else:
         valid_counts = checks.run(mask.sum(-1))
     if config.objective != "spo" and (old_logp is not None or rollout_logp is None):
@@ -381,7 +397,8 @@ def validate_loss_inputs(config, targets, mask, advantages, hidden, weight, logi
         importance_sampling_ratio = objectives.sampler_weights(config, old_logp, mask, rollout_logp,
                                                                importance_sampling_ratio)
     return LossInputs(mask, advantages, old_logp, ref_logp, rollout_logp, importance_sampling_ratio, rewards, q0,
-                      temperature, path, flat_memory, valid_counts, layout, transform, bool(batch_invariant))
+                      temperature, path, flat_memory, valid_counts, layout, transform, bool(batch_invariant),
+                      outside_before)
 
 
 def check_packed(config, cu_seqlens, targets) -> None:

@@ -523,6 +523,65 @@ def test_fused_routes_under_truncation_in_bf16(preset, changes):
         assert torch.isfinite(got).all()
         assert (got - want).norm() <= 1e-2 * want.norm()
 
+@pytest.mark.parametrize("impl,source", [("torch", "hidden"), ("triton", "hidden"), ("triton", "logits")])
+def test_old_logp_taken_under_the_same_truncation(impl, source):
+    """old_logp from token_logprobs under the same sampler is -inf where the old policy's kept set left the
+    target out: policy_loss leaves that token out too, as if masked, and counts it in outside_support."""
+    config = softpo.DAPO.replace(beta=0.04)
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    hidden, weight, targets = lm_head(14, dtype)
+    g = torch.Generator().manual_seed(15)
+    old_weight = weight + 0.5 * torch.randn(weight.shape, generator=g, dtype=torch.float64).to(dtype) / math.sqrt(H)
+    temperature = torch.tensor([0.9, 1.2], dtype=dtype)
+    per_token = temperature.double()[:, None].expand(B, T).reshape(-1)
+
+    def kept(w):
+        """[B, T, V]: whether each token lies in each row's kept set under head w."""
+        x = hidden.double().reshape(-1, H) @ w.double().T
+        return torch.stack([~warped(x, torch.full((B * T,), v), TRUNCATING, per_token)[2]
+                            for v in range(V)], -1).view(B, T, V)
+
+    kept_now, kept_before = kept(weight), kept(old_weight)
+    # Per position, a token in both kept sets, only in the old one, or only in the new one, in turn.
+    choice = [kept_now & kept_before, kept_before & ~kept_now, kept_now & ~kept_before]
+    for i in range(B * T):
+        b, t = divmod(i, T)
+        options = [c[b, t].nonzero()[:, 0] for c in choice]
+        pick = options[i % 3] if options[i % 3].numel() else options[0]
+        targets[b, t] = pick[0]
+    old_logp = softpo.token_logprobs(targets, hidden=hidden, weight=old_weight, temperature=temperature,
+                                     impl="torch", **TRUNCATING)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4] = False
+    before = mask & (old_logp == float("-inf"))
+    kwargs = dict(advantages=torch.randn(B, generator=g, dtype=torch.float64),
+                  old_logp=torch.where(before, 0.0, old_logp).double(),
+                  ref_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64))
+    expected, expected_grads, now = loss_reference(config, source, hidden, weight, targets, mask & ~before, kwargs,
+                                                   TRUNCATING, temperature)
+    assert before.any() and now.any() and (mask & ~before & ~now).any()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if source == "hidden":
+        inputs, leaves = dict(hidden=h, weight=w), (h, w)
+    else:
+        logits = (hidden.double() @ weight.double().T).to(dtype).requires_grad_()
+        inputs, leaves = dict(logits=logits), (logits,)
+    out = softpo.policy_loss(config, targets, mask, kwargs["advantages"].to(dtype), old_logp=old_logp,
+                             ref_logp=kwargs["ref_logp"].to(dtype), temperature=temperature, impl=impl,
+                             **TRUNCATING, **inputs)
+    grads = torch.autograd.grad(out.loss, leaves)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(out.loss.double(), expected, rtol=tol, atol=tol)
+    for got, want in zip(grads, expected_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=tol, atol=tol)
+    assert out.metrics["outside_support"].item() == pytest.approx((before | now).sum().item() / mask.sum().item())
+    # Without truncation a -inf old log-prob is no log-prob at all.
+    with pytest.raises(ValueError, match="old_logp must be finite at every unmasked position"):
+        softpo.policy_loss(config, targets, mask, kwargs["advantages"].to(dtype), old_logp=old_logp,
+                           ref_logp=kwargs["ref_logp"].to(dtype), impl=impl, **inputs)
+
+
 # Batch invariance: the same rows inside batches of different sizes and orders give the same bits.
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
