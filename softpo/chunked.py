@@ -103,31 +103,84 @@ def _grad_tile_(z, lse, lse_low, entropy, targets, col_offset, g_logp, g_entropy
     return grad
 
 
+def _folds(args: SweepArgs) -> bool:
+    """Whether the transform is one positive factor per row (logit_scale / temperature, no softcap): it is then
+    folded into the [n, H] hidden chunk or the copy of the logits, so the tiles arrive processed."""
+    return args.transform.softcap is None and args.transform.logit_scale > 0
+
+
+def _row_factor(args: SweepArgs, rows, like):
+    """The factor folded into the raw tiles of the tokens `rows` (all when None): a float, or [n] in like's
+    dtype; 1 when the tiles take the transform themselves (`_Sampler`)."""
+    if not _folds(args):
+        return 1.0
+    inv = sampling.inverse_temperature(args.temperature, rows, like)
+    if not isinstance(inv, torch.Tensor):
+        return inv * args.transform.logit_scale
+    return (inv * args.transform.logit_scale).to(like.dtype)
+
+
+def _column(factor):
+    """A row factor as a [n, 1] column (a float stays a float)."""
+    return factor[:, None] if isinstance(factor, torch.Tensor) else factor
+
+
 class _Sampler:
     """A token chunk's raw tiles -> the sampler's logits (`softpo.sampling`), and the chain rule back.
 
-    Plain sweeps get tiles already divided by the temperature (folded into the hidden chunk or the copy of
-    the logits); the others get raw tiles: processed here, then truncated at the rows' thresholds.
+    Without a softcap the transform arrives folded into the tiles (`_folds`); with one, raw tiles are processed
+    here. Then the rows' thresholds truncate them, in place.
     """
 
     def __init__(self, args: SweepArgs, rows, like, threshold=None):
-        self.plain = args.plain
+        self.folded = _folds(args)
         self.transform = args.transform
-        self.inv = None if self.plain else sampling.inverse_temperature(args.temperature, rows, like)
+        self.inv = None if self.folded else sampling.inverse_temperature(args.temperature, rows, like)
         if isinstance(self.inv, torch.Tensor):
             self.inv = self.inv.to(like.dtype)
         self.threshold = None if threshold is None else threshold[rows]
 
     def process(self, x):
-        return x if self.plain else sampling.process(x, self.transform, self.inv)
+        """The processed raw tile x, overwritten (every tile is a fresh copy)."""
+        if self.folded:
+            return x
+        if self.transform.softcap is None:
+            return sampling.process(x, self.transform, self.inv)
+        z, _ = self._softcap_(x, keep_tanh=False)
+        return z
+
+    def _softcap_(self, x, keep_tanh: bool):
+        """(z, tanh(x logit_scale / softcap) or None) of the raw tile x, in the kernels' order of operations and in
+        place over x (z in a buffer of its own when the tanh is kept, for the chain rule)."""
+        cap = self.transform.softcap
+        minus_inf = torch.isneginf(x)
+        if not minus_inf.any():
+            minus_inf = None
+        tanh = x.mul_(self.transform.logit_scale).mul_(1.0 / cap).tanh_()
+        z = (tanh * cap if keep_tanh else tanh.mul_(cap)).mul_(sampling._factor(x, self.transform, self.inv))
+        if minus_inf is not None:
+            z.masked_fill_(minus_inf, float("-inf"))  # a banned column stays banned
+        return z, tanh if keep_tanh else None
+
+    def _truncate_(self, z):
+        if self.threshold is not None:
+            z.masked_fill_(z < self.threshold[:, None].to(z.dtype), float("-inf"))
+        return z
 
     def __call__(self, x):
-        return sampling.truncate(self.process(x), self.threshold)
+        """The sampler's logits of the raw tile x, overwritten."""
+        return self._truncate_(self.process(x))
 
     def gradient(self, x, lse, lse_low, entropy, targets, v0, g_logp, g_entropy):
-        """d loss / d x of the raw tile x (overwritten when plain)."""
-        grad = _grad_tile_(self(x), lse, lse_low, entropy, targets, v0, g_logp, g_entropy)
-        return grad if self.plain else grad.mul_(sampling.process_grad(x, self.transform, self.inv))
+        """d loss / d x of the raw tile x, overwritten."""
+        if self.folded or self.transform.softcap is None:
+            grad = _grad_tile_(self(x), lse, lse_low, entropy, targets, v0, g_logp, g_entropy)
+            return grad if self.folded else grad.mul_(sampling.process_grad(x, self.transform, self.inv))
+        z, tanh = self._softcap_(x, keep_tanh=True)
+        grad = _grad_tile_(self._truncate_(z), lse, lse_low, entropy, targets, v0, g_logp, g_entropy)
+        # d z / d x = logit_scale factor (1 - tanh^2), formed over the tanh's buffer.
+        chain_factor = self.transform.logit_scale * sampling._factor(tanh, self.transform, self.inv)
+        return grad.mul_(tanh.mul_(tanh).neg_().add_(1.0).mul_(chain_factor))
 
 
 def _thresholds(args, n, V, raw_tile, sampler, like):
@@ -225,7 +278,7 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         args = _row_chunk(args)
         acc = accumulation_dtype(hidden.dtype)
-        tiles_for = _hidden_tiles(hidden, weight, acc, _folded_scale(args))
+        tiles_for = _hidden_tiles(hidden, weight, acc, args)
         logp, entropy, stats, threshold = _forward_sweep(
             valid_rows, targets, weight.shape[0], hidden.shape[0], acc, args, tiles_for
         )
@@ -252,9 +305,6 @@ class ChunkedHiddenLogprobFunction(torch.autograd.Function):
         )
 
 
-def _folded_scale(args: SweepArgs) -> float:
-    """The factor folded into a plain sweep's raw tiles (1 / temperature); other sweeps process raw tiles."""
-    return 1.0 / args.temperature if args.plain else 1.0
 
 
 def _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all, g_logp, g_entropy, args,
@@ -266,7 +316,6 @@ def _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all, g_log
     recomputes the tiles and sums one vocabulary chunk at a time.
     """
     acc = stats.dtype
-    inv_temperature = _folded_scale(args)
     flat = args.flat_memory
     d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype if flat else acc, device=hidden.device) \
         if need_hidden else None
@@ -277,7 +326,8 @@ def _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all, g_log
     state = {}
 
     def tiles_for(rows):
-        state["h"] = hidden[rows].to(acc) * inv_temperature
+        state["factor"] = _column(_row_factor(args, rows, stats))
+        state["h"] = hidden[rows].to(acc) * state["factor"]
         state["dh"] = torch.zeros_like(state["h"]) if need_hidden else None
         return lambda v0, v1: state["h"] @ weight[v0:v1].to(acc).T
 
@@ -286,9 +336,9 @@ def _hidden_grads(hidden, weight, targets, valid_rows, stats, entropy_all, g_log
         if need_hidden:
             state["dh"].addmm_(grad, w)
             if v1 == V:  # the chunk's last tile: its hidden gradient is complete
-                d_hidden[rows] = (state["dh"] * inv_temperature).to(d_hidden.dtype)
+                d_hidden[rows] = (state["dh"] * state["factor"]).to(d_hidden.dtype)
         if need_weight and not flat:
-            # h already carries 1 / temperature, the chain-rule factor of z = h w^T / T.
+            # h already carries the folded factor, the chain-rule factor of z = factor h w^T.
             d_weight[v0:v1].addmm_(grad.T, state["h"])
 
     if need_hidden or not flat:
@@ -305,14 +355,13 @@ def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, stats, entro
     """d weight one vocabulary chunk at a time: every token chunk's tile of that chunk becomes its gradient
     (the global lse and entropy make it exact on its own) and sums into a chunk-sized accumulator."""
     acc = stats.dtype
-    inv_temperature = _folded_scale(args)
     g_logp = torch.zeros_like(stats[0]) if g_logp is None else g_logp.to(acc)
     g_entropy = None if g_entropy is None else g_entropy.to(acc)
     for v0 in range(0, weight.shape[0], args.vocab_chunk):
         w = weight[v0:v0 + args.vocab_chunk].to(acc)
         block = torch.zeros(w.shape, dtype=acc, device=w.device)
         for rows in chunks(valid_rows.numel(), args.token_chunk, valid_rows):
-            h = hidden[rows].to(acc) * inv_temperature
+            h = hidden[rows].to(acc) * _column(_row_factor(args, rows, stats))
             ge = None if g_entropy is None else g_entropy[rows]
             sampler = _Sampler(args, rows, stats, threshold)
             grad = sampler.gradient(h @ w.T, stats[0, rows], stats[1, rows], None if ge is None else entropy_all[rows],
@@ -321,23 +370,25 @@ def _weight_grad_by_vocabulary(hidden, weight, targets, valid_rows, stats, entro
         d_weight[v0:v0 + args.vocab_chunk] = block
 
 
-def _hidden_tiles(hidden, weight, acc, scale):
+def _hidden_tiles(hidden, weight, acc, args: SweepArgs):
     def tiles_for(rows):
-        # Scaling the [n, H] hidden chunk instead of each [n, v] tile applies the temperature once.
-        h = hidden[rows].to(acc) * scale
+        # Scaling the [n, H] hidden chunk instead of each [n, v] tile applies the folded factor once.
+        h = hidden[rows].to(acc) * _column(_row_factor(args, rows, hidden.new_empty(0, dtype=acc)))
         return lambda v0, v1: h @ weight[v0:v1].to(acc).T
 
     return tiles_for
 
 
-def _logits_tiles(logits, acc, scale):
-    def tile(rows, v0, v1):
-        # Indexing by a row tensor already copies, so the sweep may scale and overwrite the tile in place.
-        z = logits[rows, v0:v1].to(acc)
-        return z if scale == 1.0 else z.mul_(scale)
-
+def _logits_tiles(logits, acc, args: SweepArgs):
     def tiles_for(rows):
-        return lambda v0, v1: tile(rows, v0, v1)
+        factor = _column(_row_factor(args, rows, logits.new_empty(0, dtype=acc)))
+
+        def tile(v0, v1):
+            # Indexing by a row tensor already copies, so the sweep may scale and overwrite the tile in place.
+            z = logits[rows, v0:v1].to(acc)
+            return z if isinstance(factor, float) and factor == 1.0 else z.mul_(factor)
+
+        return tile
 
     return tiles_for
 
@@ -350,7 +401,7 @@ class ChunkedLogitsLogprobFunction(torch.autograd.Function):
         acc = accumulation_dtype(logits.dtype)
         logp, entropy, stats, threshold = _forward_sweep(
             valid_rows, targets, logits.shape[1], logits.shape[0], acc, args,
-            _logits_tiles(logits, acc, _folded_scale(args)),
+            _logits_tiles(logits, acc, args),
         )
         ctx.save_for_backward(logits, targets, valid_rows, stats, entropy, logp, threshold)
         ctx.args = args
@@ -367,17 +418,17 @@ class ChunkedLogitsLogprobFunction(torch.autograd.Function):
 def _logits_grad(logits, targets, valid_rows, stats, entropy_all, g_logp, g_entropy, args, threshold=None):
     """d logits in the logits' dtype, zero on rows outside `valid_rows`."""
     d_logits = torch.zeros_like(logits)
-    # The tile gradient is linear in the incoming gradients: scaling those by the chain-rule
-    # factor 1 / temperature of z = logits / temperature saves a pass over every tile.
-    scale = _folded_scale(args)
-    g_logp = g_logp * scale if g_logp is not None else None
-    g_entropy = g_entropy * scale if g_entropy is not None else None
+    # The tile gradient is linear in each row's incoming gradients: scaling those by the chain-rule factor of
+    # z = factor logits (the folded one) saves a pass over every tile.
+    factor = _row_factor(args, None, stats)
+    g_logp = g_logp * factor if g_logp is not None else None
+    g_entropy = g_entropy * factor if g_entropy is not None else None
 
     def consume(rows, v0, v1, grad):
         d_logits[rows, v0:v1] = grad.to(logits.dtype)
 
     _backward_sweep(valid_rows, targets, logits.shape[1], stats, entropy_all, g_logp, g_entropy, args,
-                    _logits_tiles(logits, stats.dtype, scale), consume, threshold)
+                    _logits_tiles(logits, stats.dtype, args), consume, threshold)
     return d_logits
 
 

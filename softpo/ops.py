@@ -60,11 +60,10 @@ def chunked_logprob(
     valid_rows_ = valid.nonzero().squeeze(-1)
     x = logits if logits is not None else hidden
     acc = accumulation_dtype(x.dtype)
-    scale = chunked._folded_scale(args)
     if logits is not None:
-        V, tiles_for = logits.shape[1], chunked._logits_tiles(logits, acc, scale)
+        V, tiles_for = logits.shape[1], chunked._logits_tiles(logits, acc, args)
     else:
-        V, tiles_for = weight.shape[0], chunked._hidden_tiles(hidden, weight, acc, scale)
+        V, tiles_for = weight.shape[0], chunked._hidden_tiles(hidden, weight, acc, args)
     logp, entropy, stats, threshold = chunked._forward_sweep(valid_rows_, targets, V, x.shape[0], acc, args,
                                                              tiles_for)
     return logp, stats.new_empty(0) if entropy is None else entropy, _stats(stats[0], stats[1], threshold)
