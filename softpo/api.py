@@ -201,10 +201,11 @@ def policy_loss(
     modes: sequences; e.g. the global count across ranks and accumulation steps), default the local one;
     entropy_gather: see `objectives.high_entropy_mask`.
     temperature ([B] per sequence, [B, T] per token, or a float; packed: [S] or [total]), logit_scale, softcap,
-    top_k, top_p, min_p, batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a target outside its
-    row's kept set (logp -inf) is left out of the objective as if masked (policy and KL terms, normalizers),
-    and metrics["outside_support"] gives the fraction of unmasked tokens so treated. old_logp taken under the same
-    truncation may be -inf at such tokens: they are left out the same way (their logp is then not computed: 0).
+    top_k, top_p, min_p, batch_invariant: the sampler's distribution, as in `token_logprobs`. With truncation, a
+    target outside its row's kept set (logp -inf) is left out of the objective as if masked (policy and KL terms,
+    normalizers), and metrics["outside_support"] gives the fraction of unmasked tokens so treated. old_logp taken
+    under the same truncation may be -inf at such tokens: they are left out the same way (their logp is then not
+    computed: 0).
     process_group, vocab_start, reduce_hidden_grad: a vocab-parallel lm_head, as in `token_logprobs`;
     the objective then runs identically on every rank and every rank returns the same loss.
     memory: "default" or "flat", as in `token_logprobs`. Where the gradient is formed in the forward (see

@@ -329,52 +329,21 @@ def test_fused_routes_under_truncation(monkeypatch, preset, changes, source, mem
         for name in ("TILE_BYTES", "FLAT_TILE_BYTES"):
             monkeypatch.setattr(tiles, name, T * V * 4)
     config = softpo.preset(preset).replace(beta=0.04, **changes)
-    hidden, weight, targets = lm_head(9, torch.float32)
-    g = torch.Generator().manual_seed(10)
-    # Sampled tokens mostly lie in the kept set: one of each row's two most likely, but for the two least likely.
-    likely = (hidden.double() @ weight.double().T).topk(2, -1).indices
-    drawn = likely.gather(-1, torch.randint(0, 2, (B, T, 1), generator=g))[..., 0]
-    least_likely = torch.zeros(B, T, dtype=torch.bool)
-    least_likely[0, 1] = least_likely[1, 3] = True
-    targets = torch.where(least_likely, targets, drawn)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 4] = False
-    kwargs = dict(old_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
-                  ref_logp=-2.0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64))
-    if config.objective == "spo":
-        kwargs.update(rewards=torch.tensor([1.0, 0.0], dtype=torch.float64), q0=torch.zeros(B, dtype=torch.float64))
-    else:
-        kwargs["advantages"] = torch.randn(B, generator=g, dtype=torch.float64)
-    temperature = torch.tensor([0.9, 1.2], dtype=torch.float64)
-    expected, expected_grads, outside = loss_reference(config, source, hidden, weight, targets, mask, kwargs,
-                                                       TRUNCATING, temperature, normalizer)
-    assert outside.any() and (mask & ~outside).any()
-    chosen = []
-    choose = softpo.routes.choose
-
-    def recording_choose(*args, **kwargs):
-        decision = choose(*args, **kwargs)
-        chosen.append(decision[0])
-        return decision
-
-    monkeypatch.setattr(softpo.routes, "choose", recording_choose)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    if source == "hidden":
-        inputs, leaves = dict(hidden=h, weight=w), (h, w)
-    else:
-        logits = (hidden.double() @ weight.double().T).float().requires_grad_()
-        inputs, leaves = dict(logits=logits), (logits,)
-    out = softpo.policy_loss(config, targets, mask, temperature=temperature.float(), impl="triton", memory=memory,
-                             normalizer=normalizer, **TRUNCATING, **inputs,
-                             **{k: v.float() for k, v in kwargs.items()})
+    outside = torch.zeros(B, T, dtype=torch.bool)
+    outside[0, 1] = outside[1, 3] = True
+    chosen = record_routes(monkeypatch)
+    out, leaves, (expected, expected_grads, reference_outside) = truncated_call(
+        config, source, outside=outside, mask=mask, normalizer=normalizer, memory=memory)
     assert chosen == [route]
+    assert reference_outside.any() and (mask & ~reference_outside).any()
     grads = torch.autograd.grad(out.loss, leaves)
     torch.testing.assert_close(out.loss.double(), expected, rtol=2e-4, atol=2e-4)
     for got, want in zip(grads, expected_grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want.reshape(got.shape), rtol=2e-4, atol=2e-4)
-    assert torch.equal((out.logp == float("-inf")) & mask, outside)
-
+    assert torch.equal((out.logp == float("-inf")) & mask, reference_outside)
 
 
 def truncated_call(config, source, *, outside, mask, normalizer=None, memory="default", dtype=torch.float32, seed=9,
