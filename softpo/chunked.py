@@ -153,14 +153,10 @@ class _Sampler:
         """(z, tanh(x logit_scale / softcap) or None) of the raw tile x, in the kernels' order of operations and in
         place over x (z in a buffer of its own when the tanh is kept, for the chain rule)."""
         cap = self.transform.softcap
-        minus_inf = torch.isneginf(x)
-        if not minus_inf.any():
-            minus_inf = None
+        minus_inf = torch.isneginf(x)  # a banned column stays banned (read before x is overwritten)
         tanh = x.mul_(self.transform.logit_scale).mul_(1.0 / cap).tanh_()
         z = (tanh * cap if keep_tanh else tanh.mul_(cap)).mul_(sampling._factor(x, self.transform, self.inv))
-        if minus_inf is not None:
-            z.masked_fill_(minus_inf, float("-inf"))  # a banned column stays banned
-        return z, tanh if keep_tanh else None
+        return z.masked_fill_(minus_inf, float("-inf")), tanh if keep_tanh else None
 
     def _truncate_(self, z):
         if self.threshold is not None:

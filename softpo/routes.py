@@ -197,7 +197,7 @@ def _sequence_tile_gradients(config, inputs: LossInputs, normalizer, entropy_gat
         torch.zeros(inputs.row_mask.shape, dtype=dtype, device=inputs.mask.device)
     # Entropy computed for the metrics only (entropy_coef 0) has no gradient to give.
     entropy_in_loss = config.entropy_coef != 0
-    count_given = inputs.mask.sum().clamp(min=1).to(dtype)
+    count_given = inputs.mask.sum().clamp(min=1).to(dtype) if truncates else None
     if truncates and _global_token_mean(config, normalizer):
         normalizer = count_given
 
