@@ -154,13 +154,6 @@ def process_grad(x: torch.Tensor, transform: SamplerTransform, inv_temperature) 
     return (transform.logit_scale * factor) * (1.0 - tanh * tanh)
 
 
-def truncate(z: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """Processed logits z [n, v] with those below the rows' threshold [n] set to -inf."""
-    if threshold is None:
-        return z
-    return torch.where(z >= threshold[:, None].to(z.dtype), z, torch.full_like(z, float("-inf")))
-
-
 def _between(kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """A threshold between the last kept value and the first dropped one (kept > dropped), or the kept value
     when they tie or nothing finite is dropped. The midpoint leaves room for the last-ulp differences

@@ -42,12 +42,6 @@ class SweepArgs:
     transform: SamplerTransform = SamplerTransform()
     batch_invariant: bool = False
 
-    @property
-    def plain(self) -> bool:
-        """The sweep of logits / a scalar temperature, no transform or truncation, in shapes of its choosing."""
-        return (self.transform == SamplerTransform() and not isinstance(self.temperature, torch.Tensor)
-                and not self.batch_invariant)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Sweep(SweepArgs):
